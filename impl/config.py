@@ -1,0 +1,281 @@
+"""Typed configuration for the model, the VAE, the text encoder and streaming inference.
+
+Every knob is a frozen dataclass field with a default; ``__post_init__`` validates it and
+raises :class:`ConfigError` naming the field and what is allowed. Presets bundle the four
+configs: ``wan22_ti2v_5b`` (the real sizes), ``small`` and ``tiny`` (CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{type(obj).__name__}.{name}", f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Causal Wan2.2-TI2V DiT. Names follow diffusers' ``WanTransformer3DModel``."""
+
+    num_layers: int = 30
+    dim: int = 3072
+    num_heads: int = 24
+    ffn_dim: int = 14336
+    in_channels: int = 48
+    out_channels: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_layers", "dim", "num_heads", "ffn_dim", "in_channels",
+                  "out_channels", "text_dim", "freq_dim")
+        _require(self.dim % self.num_heads == 0, "DiTConfig.dim",
+                 f"must be divisible by num_heads={self.num_heads}, got {self.dim}")
+        _require(self.head_dim % 2 == 0 and self.head_dim >= 6, "DiTConfig.num_heads",
+                 f"head_dim = dim/num_heads must be even and >= 6 for 3-D RoPE, got {self.head_dim}")
+        _require(len(self.patch_size) == 3 and all(p > 0 for p in self.patch_size),
+                 "DiTConfig.patch_size", f"must be three positive ints, got {self.patch_size!r}")
+        _require(self.patch_size[0] == 1, "DiTConfig.patch_size",
+                 "temporal patch must be 1 (one latent frame per token row)")
+        _require(self.eps > 0, "DiTConfig.eps", "must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Real dims of head_dim given to (time, height, width); diffusers' split."""
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers ``AutoencoderKLWan`` in the Wan2.2 layout (48 latent channels, 4x16x16)."""
+
+    base_dim: int = 160
+    decoder_base_dim: int = 256
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 2
+    # Per-channel latent normalisation. None means identity (random-weight presets);
+    # a real checkpoint's config.json carries the trained values.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "patch_size")
+        _require(len(self.temporal_downsample) == len(self.dim_mult) - 1,
+                 "VAEConfig.temporal_downsample", "needs len(dim_mult) - 1 entries")
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            _require(value is None or len(value) == self.z_dim, f"VAEConfig.{name}",
+                     f"needs z_dim={self.z_dim} entries or None")
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """transformers ``UMT5EncoderModel`` configuration (umT5-XXL encoder at full size)."""
+
+    vocab_size: int = 256384
+    d_model: int = 4096
+    num_layers: int = 24
+    num_heads: int = 64
+    d_kv: int = 64
+    d_ff: int = 10240
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff",
+                  "relative_attention_num_buckets", "relative_attention_max_distance", "max_length")
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Pixel resolution and frame rate; latent and token grids are derived."""
+
+    height: int = 704
+    width: int = 1280
+    fps: int = 24
+
+    def __post_init__(self) -> None:
+        _positive(self, "height", "width", "fps")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Block-autoregressive inference: KV window, sink, multi-shot, sampler."""
+
+    frames_per_block: int = 8
+    kv_window_frames: int = 32
+    sink_frames: int = 8
+    multi_shot_sink: bool = True
+    shot_rope_offset: int = 8
+    scene_cut_prefix: str = "The scene transitions. "
+    sampler: str = "unipc"
+    steps: int = 4
+    shift: float = 5.0
+    guidance_scale: float = 1.0
+
+    SAMPLERS = ("unipc", "euler")
+
+    def __post_init__(self) -> None:
+        _positive(self, "frames_per_block", "kv_window_frames", "steps")
+        fpb = self.frames_per_block
+        _require(self.kv_window_frames % fpb == 0, "StreamConfig.kv_window_frames",
+                 f"must be a multiple of frames_per_block={fpb}, got {self.kv_window_frames}")
+        _require(self.sink_frames >= 0 and self.sink_frames % fpb == 0, "StreamConfig.sink_frames",
+                 f"must be a non-negative multiple of frames_per_block={fpb}, got {self.sink_frames}")
+        _require(self.shot_rope_offset >= 0, "StreamConfig.shot_rope_offset", "must be >= 0")
+        _require(self.sampler in self.SAMPLERS, "StreamConfig.sampler",
+                 f"must be one of {self.SAMPLERS}, got {self.sampler!r}")
+        _require(self.shift > 0, "StreamConfig.shift", "must be > 0")
+        _require(self.guidance_scale >= 1.0, "StreamConfig.guidance_scale",
+                 f"must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}")
+        # The current block always occupies a slot; sink and the shot pin need their own.
+        pinned = 1 if self.multi_shot_sink and self.sink_blocks > 0 else 0
+        _require(self.window_blocks >= self.sink_blocks + pinned + 1, "StreamConfig.kv_window_frames",
+                 f"window of {self.window_blocks} blocks cannot hold {self.sink_blocks} sink block(s)"
+                 f"{' + 1 shot pin' if pinned else ''} + the current block")
+
+    @property
+    def window_blocks(self) -> int:
+        return self.kv_window_frames // self.frames_per_block
+
+    @property
+    def sink_blocks(self) -> int:
+        return self.sink_frames // self.frames_per_block
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    text: TextEncoderConfig
+    video: VideoConfig
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dit.in_channels == self.vae.z_dim and self.dit.out_channels == self.vae.z_dim,
+                 "Preset.dit.in_channels", f"must equal vae.z_dim={self.vae.z_dim}")
+        _require(self.dit.text_dim == self.text.d_model, "Preset.dit.text_dim",
+                 f"must equal text.d_model={self.text.d_model}")
+        s = self.vae.spatial_factor * self.dit.patch_size[1]
+        _require(self.video.height % s == 0 and self.video.width % s == 0, "Preset.video",
+                 f"height and width must be multiples of {s}, got {self.video.height}x{self.video.width}")
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        f = self.vae.spatial_factor
+        return self.video.height // f, self.video.width // f
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        lh, lw = self.latent_hw
+        return lh // self.dit.patch_size[1], lw // self.dit.patch_size[2]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        gh, gw = self.token_grid
+        return gh * gw
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.tokens_per_frame * self.stream.frames_per_block
+
+    def raw_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from ``latent_frames`` latents: 1 + 4 (F - 1)."""
+        return 1 + self.vae.temporal_factor * (latent_frames - 1)
+
+    def replace(self, **sections: Any) -> "Preset":
+        """Return a copy with whole sections or section fields replaced.
+
+        ``preset.replace(stream={"steps": 2})`` updates one field of ``stream``.
+        """
+        updates: dict[str, Any] = {}
+        for key, value in sections.items():
+            if key not in {"dit", "vae", "text", "video", "stream"}:
+                raise ConfigError(f"Preset.{key}: unknown section; allowed: dit, vae, text, video, stream")
+            current = getattr(self, key)
+            updates[key] = _replace_fields(current, value) if isinstance(value, Mapping) else value
+        return dataclasses.replace(self, **updates)
+
+
+def _replace_fields(obj: Any, values: Mapping[str, Any]) -> Any:
+    allowed = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{type(obj).__name__}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    return dataclasses.replace(obj, **values)
+
+
+def _wan22_ti2v_5b() -> Preset:
+    return Preset("wan22_ti2v_5b", DiTConfig(), VAEConfig(), TextEncoderConfig(), VideoConfig())
+
+
+def _small() -> Preset:
+    return Preset(
+        "small",
+        DiTConfig(num_layers=4, dim=256, num_heads=4, ffn_dim=1024, in_channels=16, out_channels=16,
+                  text_dim=128, freq_dim=64),
+        VAEConfig(base_dim=32, decoder_base_dim=32, z_dim=16),
+        TextEncoderConfig(vocab_size=512, d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256,
+                          max_length=64),
+        VideoConfig(height=256, width=256),
+        StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
+    )
+
+
+def _tiny() -> Preset:
+    return Preset(
+        "tiny",
+        DiTConfig(num_layers=2, dim=64, num_heads=4, ffn_dim=128, in_channels=8, out_channels=8,
+                  text_dim=32, freq_dim=32),
+        VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=8),
+        TextEncoderConfig(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64,
+                          max_length=16),
+        VideoConfig(height=64, width=64),
+        StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
+    )
+
+
+PRESETS = {"wan22_ti2v_5b": _wan22_ti2v_5b, "small": _small, "tiny": _tiny}
+
+
+def get_preset(name: str) -> Preset:
+    """Build a preset by name; unknown names list the allowed ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,91 @@
+"""The one attention module, used for self-attention (``attn1``) and cross-attention (``attn2``).
+
+Parameter names match diffusers' ``WanAttention``: to_q, to_k, to_v, to_out.0, norm_q, norm_k
+(RMSNorm over the full width, before the head split). Self-attention either reads/writes the
+block-slotted :class:`~impl.model.kv_cache.KVCache` (streaming inference) or attends a whole
+sequence under an explicit mask (training, reference forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impl.model.kv_cache import BlockPlan, KVCache
+from impl.model.rope import apply_rope
+
+
+@dataclass
+class TextContext:
+    """Per-layer cross-attention K/V of one prompt set: k, v are [B, G, H, L, D].
+
+    G groups split the query tokens into G equal contiguous parts, each attending its own
+    prompt (multi-shot prompts inside one forward); G = 1 for a single prompt.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def groups(self) -> int:
+        return self.kv[0][0].shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_q = nn.Linear(dim, dim, **fk)
+        self.to_k = nn.Linear(dim, dim, **fk)
+        self.to_v = nn.Linear(dim, dim, **fk)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, **fk), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **fk)
+        self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **fk)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        # o: [B, H, S, D] -> [B, S, H*D]
+        return self.to_out[0](o.transpose(1, 2).flatten(2))
+
+    def forward_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                     cache: KVCache | None = None, layer: int = 0, plan: BlockPlan | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, dim]. With ``cache`` the block's K/V are written to its slot first, then the
+        queries attend every resident block (bidirectional within the block)."""
+        q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin).transpose(1, 2)
+        k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin).transpose(1, 2)
+        v = self._heads(self.to_v(x)).transpose(1, 2)
+        if cache is not None:
+            if plan is None:
+                raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")
+            if mask is not None:
+                raise ValueError("Attention.forward_self: the KV-cache path takes no mask")
+            cache.write(layer, plan, k, v)
+            k, v = cache.read(layer, plan)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self._out(o)
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context: [B, G, L, dim] (already text-embedded) -> k, v [B, G, H, L, D]."""
+        k = self._heads(self.norm_k(self.to_k(context))).transpose(2, 3)
+        v = self._heads(self.to_v(context)).transpose(2, 3)
+        return k, v
+
+    def forward_cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k, v = kv
+        b, s, _ = x.shape
+        g = k.shape[1]
+        if s % g:
+            raise ValueError(f"cross-attention: {s} query tokens do not split into {g} prompt groups")
+        q = self._heads(self.norm_q(self.to_q(x)))                     # [B, S, H, D]
+        q = q.unflatten(1, (g, s // g)).transpose(2, 3)                # [B, G, H, S/G, D]
+        # Fold groups into the batch: SDPA's fused kernels take 4-D inputs.
+        o = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
+        o = o.unflatten(0, (b, g)).transpose(2, 3).flatten(1, 2).transpose(1, 2)  # [B, H, S, D]
+        return self._out(o)

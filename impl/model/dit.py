@@ -1,0 +1,205 @@
+"""Causal (block-autoregressive) Wan2.2-TI2V DiT.
+
+Same computation and parameter names as diffusers' ``WanTransformer3DModel`` (so a
+diffusers-format Wan2.2-TI2V-5B state dict loads as is), with:
+- per-frame timesteps ``[B, F]`` and per-frame adaLN modulation;
+- explicit temporal RoPE positions (absolute frame index + multi-shot offset);
+- self-attention either over a streaming :class:`KVCache` block or over a full sequence
+  under a mask (block-causal, teacher forcing, ...);
+- cross-attention K/V computed once per prompt (:meth:`CausalWanDiT.encode_text`).
+Norms and modulation run in float32 like diffusers' FP32LayerNorm path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from impl.config import DiTConfig
+from impl.model.attention import Attention, TextContext
+from impl.model.kv_cache import BlockPlan, KVCache
+from impl.model.rope import Rope3D
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the parameter dtype (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, **fk):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out, **fk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward(activation_fn="gelu-approximate") layout: net.0.proj, net.2."""
+
+    def __init__(self, dim: int, inner: int, **fk):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProj(dim, inner, **fk), nn.Dropout(0.0), nn.Linear(inner, dim, **fk)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _TimestepEmbedding(nn.Module):
+    def __init__(self, freq_dim: int, dim: int, **fk):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim, **fk)
+        self.linear_2 = nn.Linear(dim, dim, **fk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _TextProjection(nn.Module):
+    def __init__(self, text_dim: int, dim: int, **fk):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, dim, **fk)
+        self.linear_2 = nn.Linear(dim, dim, **fk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: DiTConfig, **fk):
+        super().__init__()
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = _TimestepEmbedding(cfg.freq_dim, cfg.dim, **fk)
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim, **fk)
+        self.text_embedder = _TextProjection(cfg.text_dim, cfg.dim, **fk)
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., freq_dim] = [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half); float64."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+        ang = t.to(torch.float64)[..., None] * freqs
+        return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+    def time(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timesteps [B, F] -> temb [B, F, dim], temb6 [B, F, 6, dim]."""
+        w = self.time_embedder.linear_1.weight
+        temb = self.time_embedder(self.sinusoid(timesteps).to(w.dtype))
+        temb6 = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
+        return temb, temb6
+
+
+def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, S, C] -> [B, F, S/F, C] so per-frame vectors broadcast over a frame's tokens."""
+    return x.unflatten(1, (frames, -1))
+
+
+class CausalWanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, **fk):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = FP32LayerNorm(d, cfg.eps, elementwise_affine=False, **fk)
+        self.attn1 = Attention(d, cfg.num_heads, cfg.eps, **fk)
+        self.attn2 = Attention(d, cfg.num_heads, cfg.eps, **fk)
+        self.norm2 = FP32LayerNorm(d, cfg.eps, elementwise_affine=True, **fk)
+        self.ffn = FeedForward(d, cfg.ffn_dim, **fk)
+        self.norm3 = FP32LayerNorm(d, cfg.eps, elementwise_affine=False, **fk)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d, **fk) / d**0.5)
+
+    def forward(self, x: torch.Tensor, temb6: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
+                cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None, layer: int,
+                plan: BlockPlan | None, mask: torch.Tensor | None) -> torch.Tensor:
+        frames = temb6.shape[1]
+        mod = (self.scale_shift_table.float()[None] + temb6.float())[:, :, :, None]  # [B, F, 6, 1, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
+
+        h = (_per_frame(self.norm1(x), frames) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
+        a = self.attn1.forward_self(h, cos, sin, cache=cache, layer=layer, plan=plan, mask=mask)
+        x = (x.float() + (_per_frame(a, frames) * gate1).flatten(1, 2)).type_as(x)
+
+        x = x + self.attn2.forward_cross(self.norm2(x).type_as(x), text_kv)
+
+        h = (_per_frame(self.norm3(x), frames) * (1 + scale2) + shift2).flatten(1, 2).type_as(x)
+        f = self.ffn(h)
+        return (x.float() + (_per_frame(f.float(), frames) * gate2).flatten(1, 2)).type_as(x)
+
+
+class CausalWanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, *, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, **fk)
+        self.condition_embedder = ConditionEmbedder(cfg, **fk)
+        self.blocks = nn.ModuleList([CausalWanBlock(cfg, **fk) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False, **fk)
+        self.proj_out = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size), **fk)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, cfg.dim, **fk) / cfg.dim**0.5)
+        self.rope = Rope3D(cfg)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def encode_text(self, text: torch.Tensor) -> TextContext:
+        """Text-encoder states [B, L, text_dim] or per-group [B, G, L, text_dim] -> cached K/V."""
+        if text.dim() == 3:
+            text = text[:, None]
+        if text.dim() != 4 or text.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"encode_text: expected [B, L, {self.cfg.text_dim}] or [B, G, L, "
+                             f"{self.cfg.text_dim}], got {tuple(text.shape)}")
+        e = self.condition_embedder.text_embedder(text.to(self.dtype))
+        return TextContext([blk.attn2.project_context(e) for blk in self.blocks])
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: TextContext | torch.Tensor, *,
+                frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                plan: BlockPlan | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow prediction for ``latents`` [B, C, F, h, w] at per-frame ``timesteps`` [B, F].
+
+        Streaming: pass ``cache`` and the block's ``plan`` (from ``cache.begin_block``).
+        Full sequence: pass an optional boolean ``mask`` [S, S] (True = attend).
+        """
+        b, c, f, lh, lw = latents.shape
+        pt, ph, pw = self.cfg.patch_size
+        gh, gw = lh // ph, lw // pw
+        if c != self.cfg.in_channels or lh % ph or lw % pw:
+            raise ValueError(f"latents: expected [B, {self.cfg.in_channels}, F, h, w] with h, w divisible by "
+                             f"the patch, got {tuple(latents.shape)}")
+        if timesteps.shape != (b, f):
+            raise ValueError(f"timesteps: expected shape {(b, f)} (one per latent frame), got {tuple(timesteps.shape)}")
+        if cache is not None and f * gh * gw != cache.tokens_per_block:
+            raise ValueError(f"KV-cache forward takes one whole block of {cache.tokens_per_block} tokens, "
+                             f"got {f * gh * gw}")
+        if frame_positions is None:
+            frame_positions = torch.arange(f)
+        if not isinstance(context, TextContext):
+            context = self.encode_text(context)
+
+        x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)   # [B, S, C]
+        temb, temb6 = self.condition_embedder.time(timesteps)
+        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.rope.tables(frame_positions, (gh, gw), table_dtype, x.device)
+
+        for i, block in enumerate(self.blocks):
+            args = (x, temb6, context.kv[i], cos, sin)
+            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False, **kwargs)
+            else:
+                x = block(*args, **kwargs)
+
+        shift, scale = (self.scale_shift_table.float()[None] + temb.float()[:, :, None]).unbind(2)  # [B, F, C]
+        x = (_per_frame(self.norm_out(x), f) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+        x = self.proj_out(x.to(self.dtype))
+        x = x.reshape(b, f, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,0 +1,125 @@
+"""Command line: ``python -m repro {run,report,hardware,specs}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from repro.errors import BenchmarkError, HarnessError, RunError, SpecError
+from repro.records import REPO_ROOT
+
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+def resolve_spec(arg: str) -> Path:
+    """Accept a path, or a bare experiment name looked up in experiments/<name>.yaml."""
+    p = Path(arg)
+    if p.exists() or p.suffix in (".yaml", ".yml") or "/" in arg:
+        return p
+    return EXPERIMENTS_DIR / f"{arg}.yaml"
+
+
+def _parse_only(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--only {item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from repro.runner import run_spec
+
+    paths = run_spec(resolve_spec(args.spec), results_dir=args.results, device=args.device,
+                     only=_parse_only(args.only or []), progress=not args.no_progress,
+                     commit=args.commit)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from repro.report import build_report
+
+    for p in build_report(args.results):
+        print(p)
+    return 0
+
+
+def cmd_hardware(args: argparse.Namespace) -> int:
+    from repro.hardware import detect_hardware, hardware_tag
+
+    hw = detect_hardware()
+    print(json.dumps({**hw, "tag": hardware_tag(hw)}, indent=2))
+    return 0
+
+
+def cmd_specs(args: argparse.Namespace) -> int:
+    import yaml
+
+    folder = Path(args.dir)
+    files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    if not files:
+        print(f"no specs in {folder}")
+        return 0
+    width = max(len(f.stem) for f in files)
+    for f in files:
+        try:
+            data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            desc = str(data.get("description", "")).strip() if isinstance(data, dict) else "(not a mapping)"
+            bench = data.get("benchmark", "?") if isinstance(data, dict) else "?"
+        except (OSError, yaml.YAMLError) as exc:
+            desc, bench = f"(unreadable: {type(exc).__name__})", "?"
+        print(f"{f.stem:<{width}}  [{bench}]  {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m repro",
+                                 description="LongLive-2.0 reproduction harness: run experiment specs, "
+                                             "write result records, build tables and plots.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run every variant of an experiment spec on this machine")
+    run.add_argument("spec", help="spec file (experiments/NAME.yaml) or just the experiment NAME")
+    run.add_argument("--results", default="results", help="results folder (default: results)")
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="device class to run on (default: cuda if available, else cpu)")
+    run.add_argument("--only", action="append", metavar="KEY=VALUE",
+                     help="run only variants whose KEY equals VALUE (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--commit", default=None, metavar="SHA",
+                     help="commit to record when the tree has no git metadata (a copy on a remote GPU)")
+    run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="build Markdown/CSV tables and PNG plots from records")
+    rep.add_argument("--results", default="results", help="results folder (default: results)")
+    rep.set_defaults(func=cmd_report)
+
+    hw = sub.add_parser("hardware", help="print the detected hardware as JSON")
+    hw.set_defaults(func=cmd_hardware)
+
+    specs = sub.add_parser("specs", help="list experiment specs with their descriptions")
+    specs.add_argument("--dir", default=str(EXPERIMENTS_DIR), help="folder of specs (default: experiments/)")
+    specs.set_defaults(func=cmd_specs)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (SpecError, BenchmarkError, HarnessError, ValueError) as exc:
+        # ValueError covers benchmark config errors (e.g. impl.config.ConfigError).
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

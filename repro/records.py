@@ -1,0 +1,131 @@
+"""Result records (see DESIGN.md "Result records"): build, write atomically, load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from repro.hardware import hardware_tag
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = ("experiment", "metrics", "variant", "hardware")
+
+
+def git_state(root: str | Path = REPO_ROOT) -> dict[str, Any]:
+    """``{"commit": sha or "unknown", "dirty": bool or None}`` for the repo at ``root``."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    try:
+        # Untracked files (e.g. fresh results) do not change the measured code; ignore them.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": sha, "dirty": dirty}
+
+
+def spec_relpath(spec_path: str | Path, root: str | Path = REPO_ROOT) -> str:
+    """Spec path relative to the repo root when inside it, else absolute (POSIX style)."""
+    p = Path(spec_path).resolve()
+    try:
+        return p.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(*, experiment: str, benchmark: str, variant: dict[str, Any], slug: str,
+                hardware: dict[str, Any], metrics: dict[str, Any], measure: dict[str, Any],
+                spec: str, git: dict[str, Any] | None = None) -> dict[str, Any]:
+    git = git if git is not None else git_state()
+    return {
+        "experiment": experiment,
+        "benchmark": benchmark,
+        "variant": dict(variant),
+        "variant_slug": slug,
+        "hardware": dict(hardware),
+        "metrics": dict(metrics),
+        "measure": dict(measure),
+        "commit": git["commit"],
+        "dirty": git["dirty"],
+        **({"commit_source": git["commit_source"]} if "commit_source" in git else {}),
+        "created": utc_now(),
+        "spec": spec,
+    }
+
+
+def record_path(record: dict[str, Any], results_dir: str | Path) -> Path:
+    slug = record.get("variant_slug") or "default"
+    return Path(results_dir) / record["experiment"] / hardware_tag(record["hardware"]) / f"{slug}.json"
+
+
+def write_json_atomic(data: Any, path: Path) -> Path:
+    """Write JSON via a temp file in the same directory + os.replace: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialise first so an unserialisable value fails before anything touches the disk.
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
+    """Write ``results_dir/<experiment>/<hardware_tag>/<variant_slug>.json`` atomically."""
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"record is missing keys {missing}")
+    return write_json_atomic(record, record_path(record, results_dir))
+
+
+def is_record(data: Any) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("experiment"), str)
+            and isinstance(data.get("metrics"), dict))
+
+
+def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """All records under ``results_dir`` (recursive, sorted by path); junk is skipped with a warning."""
+    root = Path(results_dir)
+    out: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return out
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("."):  # in-flight temp files of another writer
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping {path}: not valid JSON ({exc})", stacklevel=2)
+            continue
+        if not is_record(data):
+            warnings.warn(f"skipping {path}: not a result record (needs 'experiment' and 'metrics')",
+                          stacklevel=2)
+            continue
+        data.setdefault("variant", {})
+        data.setdefault("hardware", {})
+        data["_path"] = path.as_posix()
+        out.append(data)
+    return out

@@ -1,0 +1,146 @@
+"""Run every variant of a spec on this machine and write one record per variant."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from repro.errors import RunError, SpecError
+from repro.hardware import detect_hardware
+from repro.records import git_state, make_record, spec_relpath, write_record
+from repro.spec import Spec, Variant, load_spec
+
+_LOWER_IS_BETTER = re.compile(r"(^|_)(ms|s)(_p\d+)?$")
+
+
+def metric_direction(name: str) -> str | None:
+    """"higher" for throughput metrics, "lower" for times, None if speedup makes no sense."""
+    if name.endswith(("fps", "tflops", "per_s")):
+        return "higher"
+    if _LOWER_IS_BETTER.search(name):
+        return "lower"
+    return None
+
+
+def speedup(metric: str, value: float, baseline: float) -> float | None:
+    direction = metric_direction(metric)
+    if direction is None or not (math.isfinite(value) and math.isfinite(baseline)):
+        return None
+    if direction == "higher":
+        return value / baseline if baseline > 0 else None
+    return baseline / value if value > 0 else None
+
+
+def parse_only(spec: Spec, only: dict[str, Any] | None) -> dict[str, Any]:
+    """Type ``--only key=value`` filters with the benchmark's fields (CLI values are strings)."""
+    if not only:
+        return {}
+    fields = spec.get_benchmark().variant_fields
+    out: dict[str, Any] = {}
+    for key, raw in only.items():
+        if key not in fields:
+            raise SpecError(f"{spec.path}: --only {key}: unknown variant key; allowed: {sorted(fields)}")
+        if isinstance(raw, str) and fields[key].type is not str:
+            try:
+                raw = fields[key].parse(raw)
+            except ValueError as exc:
+                raise SpecError(f"{spec.path}: --only {key}: {exc}") from None
+        out[key] = fields[key].coerce(raw) if fields[key].problem(raw) is None else raw
+    return out
+
+
+def _clean_metrics(metrics: Any) -> dict[str, Any]:
+    if not isinstance(metrics, dict):
+        raise TypeError(f"benchmark returned {type(metrics).__name__}, expected a dict of metrics")
+    for k, v in metrics.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (int, float, str, bool))):
+            raise TypeError(f"metric {k!r} has unsupported value {v!r}")
+    return dict(metrics)
+
+
+def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device: str | None = None,
+             only: dict[str, Any] | None = None, progress: bool = True,
+             commit: str | None = None) -> list[Path]:
+    """Run a spec's variants for this machine; return the written record paths.
+
+    Raises SpecError for invalid specs/filters and RunError (after running the others) if
+    any variant failed. ``speedup_vs_baseline`` is filled in only when the baseline variant
+    ran successfully in this same invocation. ``commit`` names the code's commit where the
+    tree is a copy without git metadata (e.g. on a remote GPU machine); a real checkout's
+    own HEAD always wins, so a record can never claim a commit it was not run from.
+    """
+    spec = load_spec(spec_path)
+    try:
+        hw = detect_hardware(device)
+    except ValueError as exc:
+        raise SpecError(f"{spec.path}: --device: {exc}") from None
+    dev = hw["device"]
+    bench = spec.get_benchmark()
+    measure = spec.measure_for(dev)
+    variants = spec.expand(dev)
+    base_variant = spec.baseline_variant(dev)
+    filt = parse_only(spec, only)
+    if filt:
+        variants = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())]
+        if not variants:
+            raise SpecError(f"{spec.path}: --only {filt} matches no variant on {dev}")
+
+    git = git_state()
+    if commit is not None and git["commit"] == "unknown":
+        git = {"commit": commit, "dirty": None, "commit_source": "--commit (tree without git metadata)"}
+    spec_rel = spec_relpath(spec.path)
+    written: dict[str, tuple[Path, dict[str, Any]]] = {}
+    failures: list[tuple[Variant, str]] = []
+
+    bar = tqdm(variants, desc=spec.name, unit="variant", disable=not progress, file=sys.stderr)
+    for variant in bar:
+        bar.set_postfix_str(variant.slug, refresh=True)
+        try:
+            metrics = _clean_metrics(bench.run(dict(variant.values), dict(measure), dict(hw)))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one failing variant must not stop the others
+            msg = f"{type(exc).__name__}: {exc}"
+            failures.append((variant, msg))
+            tqdm.write(f"[repro] FAILED {spec.name} variant {variant.slug} {variant.values}: {msg}",
+                       file=sys.stderr)
+            if not isinstance(exc, ValueError):  # config errors are self-explanatory
+                tqdm.write("".join(traceback.format_exception(exc)).rstrip(), file=sys.stderr)
+            continue
+        record = make_record(experiment=spec.name, benchmark=bench.name, variant=variant.values,
+                             slug=variant.slug, hardware=hw, metrics=metrics, measure=measure,
+                             spec=spec_rel, git=git)
+        written[variant.slug] = (write_record(record, results_dir), record)
+    bar.close()
+
+    if base_variant is not None and base_variant.slug in written:
+        _add_speedups(bench.primary_metric, base_variant.slug, written, results_dir)
+
+    if failures:
+        lines = "; ".join(f"{v.slug}: {m}" for v, m in failures)
+        raise RunError(f"{spec.name}: {len(failures)} of {len(variants)} variants failed "
+                       f"({len(written)} recorded): {lines}")
+    return [p for p, _ in written.values()]
+
+
+def _add_speedups(metric: str, base_slug: str, written: dict[str, tuple[Path, dict[str, Any]]],
+                  results_dir: str | Path) -> None:
+    base_value = written[base_slug][1]["metrics"].get(metric)
+    if not isinstance(base_value, (int, float)):
+        return
+    for slug, (path, record) in written.items():
+        value = record["metrics"].get(metric)
+        if not isinstance(value, (int, float)):
+            continue
+        s = speedup(metric, float(value), float(base_value))
+        if s is None:
+            continue
+        record["metrics"]["speedup_vs_baseline"] = s
+        record["baseline"] = {"variant_slug": base_slug, "metric": metric}
+        write_record(record, results_dir)  # same path; atomic replace
