@@ -1,4 +1,4 @@
-"""Command line: ``python -m repro {run,report,hardware,specs}``."""
+"""Command line: ``python -m repro {run,report,hardware,specs,generate}``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                      commit=args.commit)
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from repro.generate import run
+
+    print(run(args))
     return 0
 
 
@@ -106,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     specs = sub.add_parser("specs", help="list experiment specs with their descriptions")
     specs.add_argument("--dir", default=str(EXPERIMENTS_DIR), help="folder of specs (default: experiments/)")
     specs.set_defaults(func=cmd_specs)
+
+    gen = sub.add_parser("generate", help="stream a (multi-shot) video to mp4 with the causal DiT")
+    from repro.generate import add_arguments
+    add_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
     return ap
 
 

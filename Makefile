@@ -1,0 +1,49 @@
+# Two entry points for a fresh machine:
+#   make reproduce   set up .venv, run the main experiment for this machine, write tables/plots
+#   make test        set up .venv, run the default (CPU-fast) test suite
+# On a GPU machine install your CUDA build of torch into .venv first, or set TORCH_SPEC.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+# The CPU wheel; an unpinned torch from PyPI would pull gigabytes of CUDA packages.
+TORCH_SPEC  ?= torch==2.13.0
+RESULTS     ?= results
+SPEC        ?= experiments/inference_speed.yaml
+
+.PHONY: venv reproduce test test-gpu bench report paper clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+## Main job: run the experiment for this machine (tiny preset on CPU, 5B on CUDA),
+## then regenerate every table and plot and the paper comparison.
+reproduce: venv
+	$(PY) -m repro run $(SPEC) --results $(RESULTS)
+	$(MAKE) --no-print-directory report
+
+report: venv
+	$(PY) -m repro report --results $(RESULTS)
+	$(PY) paper_tables.py --results $(RESULTS) --out $(RESULTS)/tables/paper_vs_measured.md
+
+## Default test suite: CPU, fast; GPU tests are skipped without CUDA.
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu
+
+## Benchmarks (print ratios measured in one run): GEMM roofline inputs and inference FPS.
+bench: venv
+	$(PY) -m repro run experiments/gemm_throughput.yaml --results $(RESULTS)
+	$(PY) -m repro run experiments/inference_speed.yaml --results $(RESULTS)
+	$(MAKE) --no-print-directory report
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks *.egg-info

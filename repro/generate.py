@@ -1,0 +1,74 @@
+"""``python -m repro generate``: stream a (multi-shot) video to mp4 with the causal DiT.
+
+Weights: ``--weights DIR`` is a diffusers-format Wan2.2-TI2V-5B folder (transformer/, vae/,
+text_encoder/, tokenizer/); ``--dit`` overrides the DiT with any checkpoint our loader reads
+(diffusers or original Wan/LongLive layout). Without weights every part is randomly
+initialised at the preset's size (useful for smoke tests and timing, not for looking at).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from impl.config import get_preset
+from impl.model.checkpoint import load_dit_weights
+from impl.model.dit import CausalWanDiT
+from impl.model.text_encoder import TextEncoder
+from impl.model.vae import build_vae, load_vae
+from impl.pipeline import StreamingPipeline, shot_prompts
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_shot(text: str) -> tuple[str, int]:
+    """``"PROMPT"`` (one block) or ``"PROMPT::BLOCKS"``."""
+    prompt, sep, blocks = text.rpartition("::")
+    if not sep:
+        return text, 1
+    if not blocks.isdigit() or int(blocks) < 1:
+        raise ValueError(f"--shot {text!r}: BLOCKS after '::' must be a positive integer")
+    return prompt, int(blocks)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shot", action="append", required=True, metavar="PROMPT[::BLOCKS]",
+                    help="one shot: its prompt and how many AR blocks it lasts (repeat for multi-shot)")
+    ap.add_argument("--out", required=True, help="output .mp4 path")
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "wan22_ti2v_5b"])
+    ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder")
+    ap.add_argument("--dit", default=None, help="DiT checkpoint (file or folder) overriding --weights")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: preset's)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; 1.0 disables CFG")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default=None, choices=list(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def run(args: argparse.Namespace) -> Path:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.precision or ("bf16" if device.type == "cuda" else "fp32")]
+    stream = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    preset = get_preset(args.preset).replace(stream=stream)
+    torch.manual_seed(args.seed)
+    model = CausalWanDiT(preset.dit, device=device, dtype=dtype).eval()
+    dit_source = args.dit or args.weights
+    if dit_source:
+        load_dit_weights(model, dit_source)
+    if args.weights:
+        vae = load_vae(args.weights, dtype=dtype, device=device)
+        text = TextEncoder.from_pretrained(args.weights, dtype=dtype, device=device,
+                                           max_length=preset.text.max_length)
+    else:
+        vae = build_vae(preset.vae, dtype=dtype, device=device, seed=args.seed)
+        text = TextEncoder.from_preset(preset.text, dtype=dtype, device=device, seed=args.seed)
+    pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text.encode([p]), vae=vae, device=device)
+    prompts = shot_prompts([parse_shot(s) for s in args.shot], preset.stream.scene_cut_prefix)
+
+    from tqdm import tqdm
+    with tqdm(total=len(prompts), desc="blocks", unit="block") as bar:
+        result = pipe.generate(prompts, seed=args.seed, video_path=args.out,
+                               on_block=lambda t: (bar.update(1), bar.set_postfix(dit_ms=f"{t.dit_ms:.0f}")))
+    return result.video_path
