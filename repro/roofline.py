@@ -11,13 +11,13 @@ The rates are measured on the device in the same run (:func:`measure_peak_rates`
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from impl.config import Preset
+from repro.timing import time_ms
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,8 @@ def roofline_fps(preset: Preset, steps: int, gemm_tflops: float, attn_tflops: fl
     return frames / seconds
 
 
-def _median_ms(fn, device: torch.device, repeats: int = 10) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, device: torch.device) -> float:
+    return statistics.median(time_ms(fn, device.type, warmup=1, repeats=10))
 
 
 def measure_peak_rates(preset: Preset, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

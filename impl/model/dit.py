@@ -54,33 +54,30 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
 
-class _TimestepEmbedding(nn.Module):
-    def __init__(self, freq_dim: int, dim: int, **fk):
+class _TwoLayerMLP(nn.Module):
+    """linear_1 -> activation -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection names)."""
+
+    def __init__(self, dim_in: int, dim: int, activation, **fk):
         super().__init__()
-        self.linear_1 = nn.Linear(freq_dim, dim, **fk)
+        self.linear_1 = nn.Linear(dim_in, dim, **fk)
         self.linear_2 = nn.Linear(dim, dim, **fk)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return self.linear_2(self.activation(self.linear_1(x)))
 
 
-class _TextProjection(nn.Module):
-    def __init__(self, text_dim: int, dim: int, **fk):
-        super().__init__()
-        self.linear_1 = nn.Linear(text_dim, dim, **fk)
-        self.linear_2 = nn.Linear(dim, dim, **fk)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class ConditionEmbedder(nn.Module):
     def __init__(self, cfg: DiTConfig, **fk):
         super().__init__()
         self.freq_dim = cfg.freq_dim
-        self.time_embedder = _TimestepEmbedding(cfg.freq_dim, cfg.dim, **fk)
+        self.time_embedder = _TwoLayerMLP(cfg.freq_dim, cfg.dim, F.silu, **fk)
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim, **fk)
-        self.text_embedder = _TextProjection(cfg.text_dim, cfg.dim, **fk)
+        self.text_embedder = _TwoLayerMLP(cfg.text_dim, cfg.dim, _gelu_tanh, **fk)
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
         """[..., freq_dim] = [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half); float64."""

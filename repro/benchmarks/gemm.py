@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.timing import time_ms
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _time_ms(fn, device: str, warmup: int, repeats: int) -> list[float]:
-    """Per-call wall times in ms; CUDA events on GPU (host timers would see async launches)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def run_gemm(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +26,7 @@ def run_gemm(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[st
     def fn() -> None:
         torch.matmul(a, b, out=out)
 
-    times = _time_ms(fn, device, measure["warmup"], measure["repeats"])
+    times = time_ms(fn, device, measure["warmup"], measure["repeats"])
     if not torch.isfinite(out).all():
         raise RuntimeError(f"gemm produced non-finite values for m={m} n={n} k={k} {variant['dtype']}")
     p50 = statistics.median(times)
