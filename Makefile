@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.13.0
 RESULTS     ?= results
 SPEC        ?= experiments/inference_speed.yaml
 
-.PHONY: venv reproduce test test-gpu bench report paper clean
+.PHONY: venv reproduce test test-gpu bench report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from impl.config import PRESETS
 
-from impl.config import get_preset
-from impl.model.checkpoint import load_dit_weights
-from impl.model.dit import CausalWanDiT
-from impl.model.text_encoder import TextEncoder
-from impl.model.vae import build_vae, load_vae
-from impl.pipeline import StreamingPipeline, shot_prompts
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Model code (torch, diffusers, transformers) is imported inside run(): the CLI builds this
+# command's parser for every command, and `report` must stay light. impl.precision imports
+# torch, so its names are repeated here; compute_dtype() checks them again.
+PRECISIONS = ["bf16", "fp32"]
 
 
 def parse_shot(text: str) -> tuple[str, int]:
@@ -37,19 +33,30 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shot", action="append", required=True, metavar="PROMPT[::BLOCKS]",
                     help="one shot: its prompt and how many AR blocks it lasts (repeat for multi-shot)")
     ap.add_argument("--out", required=True, help="output .mp4 path")
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "wan22_ti2v_5b"])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder")
     ap.add_argument("--dit", default=None, help="DiT checkpoint (file or folder) overriding --weights")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: preset's)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; 1.0 disables CFG")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--precision", default=None, choices=list(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def run(args: argparse.Namespace) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from impl.config import get_preset
+    from impl.model.checkpoint import load_dit_weights
+    from impl.model.dit import CausalWanDiT
+    from impl.model.text_encoder import TextEncoder
+    from impl.model.vae import build_vae, load_vae
+    from impl.pipeline import StreamingPipeline, shot_prompts
+    from impl.precision import compute_dtype
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[args.precision or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = compute_dtype(args.precision or ("bf16" if device.type == "cuda" else "fp32"))
     stream = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
     preset = get_preset(args.preset).replace(stream=stream)
     torch.manual_seed(args.seed)
@@ -67,7 +74,6 @@ def run(args: argparse.Namespace) -> Path:
     pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text.encode([p]), vae=vae, device=device)
     prompts = shot_prompts([parse_shot(s) for s in args.shot], preset.stream.scene_cut_prefix)
 
-    from tqdm import tqdm
     with tqdm(total=len(prompts), desc="blocks", unit="block") as bar:
         result = pipe.generate(prompts, seed=args.seed, video_path=args.out,
                                on_block=lambda t: (bar.update(1), bar.set_postfix(dit_ms=f"{t.dit_ms:.0f}")))

@@ -109,3 +109,13 @@ def test_generate_command_writes_a_multi_shot_mp4(tmp_path):
     preset = get_preset("tiny")
     assert read_video(out).shape[0] == preset.raw_frames(3 * preset.stream.frames_per_block)
     assert main(["generate", "--shot", "x::zero", "--out", str(out)]) == 2
+
+
+def test_report_command_does_not_import_model_code(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from repro.cli import main; main(['report', '--results', sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('impl.model', 'impl.pipeline', 'diffusers', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -23,10 +23,9 @@ from impl.config import get_preset
 from impl.model.dit import CausalWanDiT
 from impl.model.vae import build_vae
 from impl.pipeline import BlockTiming, StreamingPipeline
+from impl.precision import COMPUTE_DTYPES, compute_dtype
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.roofline import measure_peak_rates, roofline_fps
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -36,7 +35,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(hardware["device"])
-    dtype = _DTYPES[variant["precision"]]
+    dtype = compute_dtype(variant["precision"])
     preset = get_preset(variant["preset"]).replace(
         stream={"steps": variant["steps"], "guidance_scale": variant["guidance_scale"]})
     torch.manual_seed(measure["seed"])
@@ -90,7 +89,7 @@ INFERENCE_SPEED = register(Benchmark(
     description="Streaming block-AR generation FPS (DiT-only and end to end with VAE decode) with random weights.",
     variant_fields={
         "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
-        "precision": FieldSpec(str, "bf16", choices=list(_DTYPES), help="weights and activations dtype"),
+        "precision": FieldSpec(str, "bf16", choices=list(COMPUTE_DTYPES), help="weights and activations dtype"),
         "steps": FieldSpec(int, 4, choices=[1, 2, 3, 4, 8], help="denoising steps per block (UniPC)"),
         "kv_cache": FieldSpec(str, "bf16", choices=["bf16"], help="KV-cache storage (nvfp4 comes with the NVFP4 issue)"),
         "vae_mode": FieldSpec(str, "sync", choices=["sync"], help="VAE decoding mode (stream/device come later)"),
