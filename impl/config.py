@@ -147,8 +147,14 @@ class StreamConfig:
     steps: int = 4
     shift: float = 5.0
     guidance_scale: float = 1.0
+    # Block VAE decoding (impl/vae_decode.py): "sync" in the DiT's thread, "stream" on a second
+    # CUDA stream of the same GPU, "device" in a worker thread with the VAE on vae_device.
+    vae_mode: str = "sync"
+    vae_device: str | None = None      # "device" mode only: "cpu", "cuda" or "cuda:N"; None = "cpu"
+    vae_queue_depth: int = 2           # async modes: most blocks submitted but not yet delivered
 
     SAMPLERS = ("unipc", "euler")
+    VAE_MODES = ("sync", "stream", "device")
 
     def __post_init__(self) -> None:
         _positive(self, "frames_per_block", "kv_window_frames", "steps")
@@ -163,6 +169,15 @@ class StreamConfig:
         _require(self.shift > 0, "StreamConfig.shift", "must be > 0")
         _require(self.guidance_scale >= 1.0, "StreamConfig.guidance_scale",
                  f"must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}")
+        _require(self.vae_mode in self.VAE_MODES, "StreamConfig.vae_mode",
+                 f"must be one of {self.VAE_MODES}, got {self.vae_mode!r}")
+        dev = self.vae_device
+        _require(dev is None or (isinstance(dev, str) and (dev in ("cpu", "cuda") or (
+            dev.startswith("cuda:") and dev[5:].isdigit()))), "StreamConfig.vae_device",
+                 f"must be None, 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        _require(dev is None or self.vae_mode == "device", "StreamConfig.vae_device",
+                 f"is only used with vae_mode='device' (vae_mode is {self.vae_mode!r}); leave it None")
+        _positive(self, "vae_queue_depth")
         # The current block always occupies a slot; sink and the shot pin need their own.
         pinned = 1 if self.multi_shot_sink and self.sink_blocks > 0 else 0
         _require(self.window_blocks >= self.sink_blocks + pinned + 1, "StreamConfig.kv_window_frames",

@@ -3,18 +3,24 @@
 For each AR block (``frames_per_block`` latent frames): detect a scene cut (prompt starts with
 the scene-cut prefix) and bump the shot's RoPE offset; take the block's noise; run the sampler
 (each step is one KV-cached forward that overwrites this block's K/V); run one more forward at
-t = 0 on the clean latents so the cache holds clean K/V (re-cache); decode the block with the
-streaming VAE and append its frames to the mp4. A per-block timing hook reports DiT and VAE
-time.
+t = 0 on the clean latents so the cache holds clean K/V (re-cache); hand the block to the
+VAE block decoder (impl/vae_decode.py), which appends its frames to the mp4 as they arrive. A
+per-block timing hook reports DiT and VAE time.
+
+``preset.stream.vae_mode`` picks the decode: "sync" decodes in the DiT loop; "stream" (a side
+CUDA stream) and "device" (a worker with the VAE on ``vae_device``) overlap the decode of
+block k with the DiT of later blocks, which waits only when ``vae_queue_depth`` blocks are
+still decoding.
 """
 
 from __future__ import annotations
 
+import queue
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -24,16 +30,29 @@ from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.sampling import make_sampler
 
+if TYPE_CHECKING:  # imported lazily at run time: it pulls in diffusers
+    from impl.vae_decode import DecodedBlock
+
 TextEmbedder = Callable[[str], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class BlockTiming:
+    """Per-block timings, passed to ``on_block`` in block order.
+
+    In "sync" VAE mode ``on_block`` fires at the end of the block, and ``total_ms`` includes
+    the decode. In the async modes it fires once the block's decode has finished (a few
+    blocks later, at the latest when ``generate`` drains), ``vae_ms`` is that decode's time,
+    measured where it ran (CUDA events on the side stream; wall time in the "device" worker),
+    and ``total_ms`` is the DiT loop's wall time for the block: the decode overlaps later
+    blocks, so only a wait for a free queue slot shows up in it.
+    """
+
     block: int
     frames: int          # pixel frames this block delivered (0 if not decoded)
     dit_ms: float        # denoising steps + re-cache pass
     vae_ms: float        # streaming decode of this block (0 if not decoded)
-    total_ms: float      # wall time of the whole block, host-synchronised
+    total_ms: float      # wall time of the block in the DiT loop, host-synchronised
 
 
 @dataclass
@@ -77,24 +96,29 @@ class _Timer:
 
 class StreamingPipeline:
     def __init__(self, model: CausalWanDiT, preset: Preset, *, text_embedder: TextEmbedder,
-                 vae=None, device: torch.device | str = "cpu"):
+                 vae=None, device: torch.device | str = "cpu", kv_cache: str = "bf16",
+                 kv_rule: str = "mse"):
         self.model = model
         self.preset = preset
         self.stream = preset.stream
         self.embed_text = text_embedder
         self.vae = vae
         self.device = torch.device(device)
+        from impl.quant.config import check_kv_storage
+        check_kv_storage(kv_cache, kv_rule)
+        self.kv_cache, self.kv_rule = kv_cache, kv_rule   # KV storage: bf16 (model dtype) or nvfp4
         self._cache: KVCache | None = None
 
     # ---- set-up ----
     def cache_for(self, batch: int) -> KVCache:
         """The KV cache, allocated once per batch size and reset between videos."""
         cfg = self.model.cfg
-        if self._cache is None or self._cache.k.shape[1] != batch:
+        if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old one before allocating
             self._cache = KVCache(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads,
                                   head_dim=cfg.head_dim, tokens_per_block=self.preset.tokens_per_block,
-                                  stream=self.stream, dtype=self.model.dtype, device=self.device)
+                                  stream=self.stream, dtype=self.model.dtype, device=self.device,
+                                  storage=self.kv_cache, kv_rule=self.kv_rule)
         self._cache.reset()
         return self._cache
 
@@ -146,19 +170,42 @@ class StreamingPipeline:
         cfg_scale = s.guidance_scale
         negative = negative_prompt if cfg_scale > 1.0 else None
         cache = self.cache_for(batch * (2 if negative is not None else 1))
-        decoder = None
-        if decode or video_path is not None:
-            from impl.model.vae import StreamingDecoder
-            decoder = StreamingDecoder(self.vae)
-        writer_cm = nullcontext(None)
-        if video_path is not None:
-            from impl.video_io import Mp4Writer
-            writer_cm = Mp4Writer(video_path, fps=self.preset.video.fps)
+        decoding = decode or video_path is not None
 
         timer = _Timer(self.device)
-        latents, frames, timings = [], [], []
+        latents: list[torch.Tensor] = []
+        frames: list[torch.Tensor] = []        # appended by the decoder, in block order
+        decoded: queue.SimpleQueue = queue.SimpleQueue()  # (n_frames, vae_ms) per decoded block
+        waiting: list[tuple[int, float, float]] = []      # (block, dit_ms, total_ms) to report
+        timings: list[BlockTiming] = []
+        writer = None
+
+        def on_frames(block: DecodedBlock) -> None:  # the decoder's thread in the async modes
+            frames.append(block.frames)
+            if writer is not None:
+                writer.append(block.frames[0])
+            decoded.put((block.frames.shape[2], block.decode_ms))
+
+        def report() -> None:  # emit timings of blocks that are fully done, in order
+            while waiting and (not decoding or not decoded.empty()):
+                b, dit_ms, total_ms = waiting.pop(0)
+                n_frames, vae_ms = decoded.get() if decoding else (0, 0.0)
+                timings.append(BlockTiming(b, n_frames, dit_ms, vae_ms, total_ms))
+                if on_block is not None:
+                    on_block(timings[-1])
+
         shot = 0
-        with writer_cm as writer:
+        with ExitStack() as stack:
+            decoder = None
+            if video_path is not None:
+                from impl.video_io import Mp4Writer
+                writer = stack.enter_context(Mp4Writer(video_path, fps=self.preset.video.fps))
+            if decoding:
+                from impl.vae_decode import make_block_decoder
+                # Entered after the writer, so it is closed (or aborted) before the writer.
+                decoder = stack.enter_context(make_block_decoder(
+                    self.vae, s.vae_mode, device=s.vae_device, queue_depth=s.vae_queue_depth,
+                    on_frames=on_frames))
             for b, prompt in enumerate(prompts):
                 wall0 = time.perf_counter()
                 t0 = timer.mark()
@@ -171,24 +218,17 @@ class StreamingPipeline:
                 x = noise[:, :, b * s.frames_per_block:(b + 1) * s.frames_per_block].to(self.device, latent_dtype)
                 sampler = make_sampler(s.sampler, s.steps, s.shift)
                 for t in sampler.timesteps:
-                    x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan, cfg_scale), t, x)
+                    # Denoising steps only attend: later blocks see the re-cache pass's K/V.
+                    x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale), t, x)
                 self._velocity(x, 0.0, ctx, pos, cache, plan, cfg_scale)  # re-cache clean K/V
                 t1 = timer.mark()
-                n_frames, vae_ms = 0, 0.0
                 if decoder is not None:
-                    block_frames = decoder.decode_block(x)
-                    t2 = timer.mark()
-                    vae_ms = timer.ms(t1, t2)
-                    block_frames = block_frames.float().cpu()
-                    n_frames = block_frames.shape[2]
-                    frames.append(block_frames)
-                    if writer is not None:
-                        writer.append(block_frames[0])
+                    decoder.submit(x)  # sync: decodes now; async: waits only for a queue slot
                 latents.append(x.float().cpu())
-                dit_ms = timer.ms(t0, t1)
-                timing = BlockTiming(b, n_frames, dit_ms, vae_ms, (time.perf_counter() - wall0) * 1e3)
-                timings.append(timing)
-                if on_block is not None:
-                    on_block(timing)
+                waiting.append((b, timer.ms(t0, t1), (time.perf_counter() - wall0) * 1e3))
+                report()
+            if decoder is not None:
+                decoder.close()  # every frame delivered (and written) before the writer closes
+            report()
         return GenerationResult(torch.cat(latents, dim=2), torch.cat(frames, dim=2) if frames else None,
                                 timings, Path(video_path) if video_path is not None else None)

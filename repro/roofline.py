@@ -54,13 +54,23 @@ def _median_ms(fn, device: torch.device) -> float:
     return statistics.median(time_ms(fn, device.type, warmup=1, repeats=10))
 
 
-def measure_peak_rates(preset: Preset, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(GEMM TFLOP/s, attention TFLOP/s) at this preset's block shapes, on random data."""
+def measure_peak_rates(preset: Preset, device: torch.device, dtype: torch.dtype,
+                       gemm: str = "dense") -> tuple[float, float]:
+    """(GEMM TFLOP/s, attention TFLOP/s) at this preset's block shapes, on random data.
+
+    ``gemm="fp8"`` times the row-scaled FP8 GEMM (``torch._scaled_mm``) on pre-quantized
+    operands, where the device has FP8 tensor cores; otherwise a dense ``dtype`` matmul.
+    """
+    from impl.quant.fp8 import fp8_matmul, has_fp8_tensor_cores, quantize_rowwise
     g = torch.Generator(device=device).manual_seed(0)
     t, d, f = preset.tokens_per_block, preset.dit.dim, preset.dit.ffn_dim
     a = torch.randn(t, d, generator=g, device=device).to(dtype)
     w = torch.randn(f, d, generator=g, device=device).to(dtype)
-    gemm_ms = _median_ms(lambda: a @ w.T, device)
+    if gemm == "fp8" and has_fp8_tensor_cores(device):
+        (aq, sa), (wq, sw) = quantize_rowwise(a), quantize_rowwise(w)
+        gemm_ms = _median_ms(lambda: fp8_matmul(aq, sa, wq, sw, torch.bfloat16), device)
+    else:
+        gemm_ms = _median_ms(lambda: a @ w.T, device)
     h, hd = preset.dit.num_heads, preset.dit.head_dim
     keys = preset.stream.window_blocks * t
     q = torch.randn(1, h, t, hd, generator=g, device=device).to(dtype)

@@ -3,6 +3,10 @@
 Precedence of variant values: field defaults < ``base`` < ``profiles.<device>.variant`` <
 ``sweep`` (with ``profiles.<device>.sweep`` replacing whole sweep lists). A key may not be
 both pinned by a profile and swept, so nothing is overridden silently.
+``sweep`` is one grid (a mapping of key -> values: the cartesian product) or a list of grids
+(their union, each variant once), so a spec can vary one factor at a time around a baseline
+instead of running every combination. A profile's mapping sweep overrides those keys in every
+grid; a profile's list sweep replaces the grids.
 If a spec has a ``profiles`` section, the device a run uses must have an entry in it.
 """
 
@@ -36,7 +40,7 @@ class Variant:
 class Profile:
     variant: dict[str, Any] = field(default_factory=dict)
     measure: dict[str, Any] = field(default_factory=dict)
-    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    sweep: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Spec:
     description: str
     benchmark: str
     base: dict[str, Any]
-    sweep: dict[str, list[Any]]
+    sweep: list[dict[str, list[Any]]]       # grids; their union is the variant set
     measure: dict[str, Any]
     profiles: dict[str, Profile]
     baseline: dict[str, Any] | None
@@ -76,23 +80,34 @@ class Spec:
         """All variants for this device class, fully defaulted, in sweep order."""
         bench = self.get_benchmark()
         prof = self.profile(device_class)
-        sweep = {**self.sweep, **prof.sweep}
+        grids = self.grids(device_class)
         fixed = {**self.base, **prof.variant}
-        set_keys = set(fixed) | set(sweep)
-        keys = list(sweep)
+        set_keys = set(fixed).union(*(set(g) for g in grids))
         out: list[Variant] = []
-        for combo in itertools.product(*(sweep[k] for k in keys)):
-            values = {**bench.defaults(), **fixed, **dict(zip(keys, combo))}
-            if bench.check_variant is not None:
-                try:
-                    bench.check_variant(values)
-                except ValueError as exc:
-                    raise self._err(f"variant {values}", str(exc)) from None
-            out.append(Variant(values=values, slug=make_slug(values, set_keys)))
+        seen: set[str] = set()
+        for grid in grids:
+            keys = list(grid)
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                values = {**bench.defaults(), **fixed, **dict(zip(keys, combo))}
+                if bench.check_variant is not None:
+                    try:
+                        bench.check_variant(values)
+                    except ValueError as exc:
+                        raise self._err(f"variant {values}", str(exc)) from None
+                if repr(sorted(values.items())) in seen:  # grids may overlap (e.g. the baseline)
+                    continue
+                seen.add(repr(sorted(values.items())))
+                out.append(Variant(values=values, slug=make_slug(values, set_keys)))
         slugs = [v.slug for v in out]
         if len(set(slugs)) != len(slugs):  # sanitising can merge distinct values; disambiguate
             out = [Variant(v.values, f"{v.slug}__{_hash(v.values)}") for v in out]
         return out
+
+    def grids(self, device_class: str) -> list[dict[str, list[Any]]]:
+        prof = self.profile(device_class)
+        if isinstance(prof.sweep, list):
+            return prof.sweep or [{}]
+        return [{**grid, **prof.sweep} for grid in (self.sweep or [{}])]
 
     def baseline_variant(self, device_class: str) -> Variant | None:
         if self.baseline is None:
@@ -175,6 +190,15 @@ class _Checker:
             out[k] = self.value(fields, k, v, f"{where}.{k}")
         return out
 
+    def sweeps(self, fields: dict[str, FieldSpec], raw: Any, where: str) -> list[dict[str, list[Any]]]:
+        """A mapping (one grid) or a non-empty list of mappings (a union of grids)."""
+        if isinstance(raw, list):
+            if not raw:
+                raise self.fail(where, "a list of grids must not be empty")
+            return [self.sweep(fields, g, f"{where}[{i}]") for i, g in enumerate(raw)]
+        grid = self.sweep(fields, raw, where)
+        return [grid] if grid else []
+
     def sweep(self, fields: dict[str, FieldSpec], raw: Any, where: str) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for k, lst in self.mapping(raw, where).items():
@@ -218,7 +242,7 @@ def parse_spec(data: Any, path: str | Path) -> Spec:
     vf, mf = bench.variant_fields, bench.measure_fields
 
     base = c.values(vf, data.get("base"), "base", "variant")
-    sweep = c.sweep(vf, data.get("sweep"), "sweep")
+    sweep = c.sweeps(vf, data.get("sweep"), "sweep")
     measure = c.values(mf, data.get("measure"), "measure", "measure")
 
     profiles: dict[str, Profile] = {}
@@ -230,11 +254,16 @@ def parse_spec(data: Any, path: str | Path) -> Spec:
         for k in raw:
             if k not in PROFILE_KEYS:
                 raise c.fail(f"{where}.{k}", f"unknown profile key; allowed: {list(PROFILE_KEYS)}")
+        raw_sweep = raw.get("sweep")
+        prof_sweep = (c.sweeps(vf, raw_sweep, f"{where}.sweep") if isinstance(raw_sweep, list)
+                      else c.sweep(vf, raw_sweep, f"{where}.sweep"))
         prof = Profile(variant=c.values(vf, raw.get("variant"), f"{where}.variant", "variant"),
                        measure=c.values(mf, raw.get("measure"), f"{where}.measure", "measure"),
-                       sweep=c.sweep(vf, raw.get("sweep"), f"{where}.sweep"))
+                       sweep=prof_sweep)
+        swept = set().union(*(set(g) for g in (prof_sweep if isinstance(prof_sweep, list)
+                                                else [*sweep, prof_sweep])))
         for k in prof.variant:
-            if k in sweep or k in prof.sweep:
+            if k in swept:
                 raise c.fail(f"{where}.variant.{k}",
                              f"is also swept; restrict the sweep with {where}.sweep.{k} instead")
         profiles[dev] = prof

@@ -130,3 +130,22 @@ def test_broken_benchmark_module_is_isolated(tmp_path, monkeypatch):
     assert get_benchmark("gemm_throughput").name == "gemm_throughput"  # others unaffected
     with pytest.raises(BenchmarkError, match=r"unknown benchmark 'zzz'; registered: .*gemm_throughput"):
         get_benchmark("zzz")
+
+
+def test_sweep_list_is_a_union_of_grids_without_duplicates(tmp_path):
+    path = write_spec(tmp_path / "u.yaml", sweep=[{"steps": [4, 2]}, {"mode": ["ok", "other"], "compile": [True]},
+                                                  {"steps": [4]}],
+                      baseline={"steps": 4, "mode": "ok", "compile": False})
+    spec = load_spec(path)
+    got = [(v.values["steps"], v.values["mode"], v.values["compile"]) for v in spec.expand("cpu")]
+    assert got == [(4, "ok", False), (2, "ok", False), (4, "ok", True), (4, "other", True)]
+    slugs = [v.slug for v in spec.expand("cpu")]
+    assert len(set(slugs)) == 4 and all("steps-" in s and "mode-" in s for s in slugs)
+    # a profile's list replaces the grids; its mapping overrides keys in each grid
+    path = write_spec(tmp_path / "p.yaml", sweep=[{"steps": [4, 2]}, {"mode": ["other"]}],
+                      profiles={"cpu": {"sweep": {"steps": [2]}}, "cuda": {"sweep": [{"speed": [2.0, 3.0]}]}})
+    spec = load_spec(path)
+    assert [(v.values["steps"], v.values["mode"]) for v in spec.expand("cpu")] == [(2, "ok"), (2, "other")]
+    assert [v.values["speed"] for v in spec.expand("cuda")] == [2.0, 3.0]
+    assert "sweep[1].nope" in _err(tmp_path, sweep=[{"steps": [4]}, {"nope": [1]}])
+    assert "must not be empty" in _err(tmp_path, sweep=[])

@@ -18,12 +18,21 @@ Calling ``begin_block`` again for the current block reuses its slot (overwrite i
 asking for an older block or skipping a block is an error.
 
 Text K/V for cross-attention is cached per prompt in ``text_contexts``.
+
+Storage is BF16 (or the model dtype) or NVFP4 (``storage="nvfp4"``): each block is quantized
+per (token, head) in 16-element groups along head_dim, with one float32 tensor scale per
+(layer, batch element, slot) for K and for V: 4.5 bits per element, 0.28x of BF16. Keys are
+quantized as they are (no smoothing that would shift attention logits). Attention reads a
+BF16 view: the resident history is dequantized into one shared workspace (one layer at a
+time), and the current block's own K/V enter it unquantized, as in the release. Only the
+committing forward of a block (the clean re-cache pass) quantizes it into storage; the
+denoising steps' K/V of the current block are used fresh and never stored.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -39,6 +48,11 @@ class BlockPlan:
     slot: int
     num_valid: int
     tokens_per_block: int
+    commit: bool = True    # store this forward's K/V for later blocks (False: attention only)
+
+    def attention_only(self) -> "BlockPlan":
+        """The same plan for a forward whose K/V later blocks never see (a denoising step)."""
+        return replace(self, commit=False)
 
     @property
     def write_range(self) -> tuple[int, int]:
@@ -54,15 +68,27 @@ class KVCache:
 
     def __init__(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int,
                  tokens_per_block: int, stream: StreamConfig, dtype: torch.dtype,
-                 device: torch.device | str, max_text_contexts: int = 8):
+                 device: torch.device | str, max_text_contexts: int = 8,
+                 storage: str = "bf16", kv_rule: str = "mse"):
+        from impl.quant.config import check_kv_storage
+        check_kv_storage(storage, kv_rule)
+        self.storage, self.kv_rule = storage, kv_rule
+        self.batch, self.dtype = batch, dtype
         self.num_slots = stream.window_blocks
         self.tokens_per_block = tokens_per_block
         self.sink_blocks = stream.sink_blocks
         # Pinning needs a non-empty sink: the pin length is the sink length (reference semantics).
         self.pin_shots = stream.multi_shot_sink and stream.sink_blocks > 0
         shape = (num_layers, batch, num_heads, self.num_slots * tokens_per_block, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if storage == "bf16":
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.k = self.v = None
+            self._fp4 = {name: _FP4Store(shape, self.num_slots, device) for name in ("k", "v")}
+            # One layer's dequantized window, shared by all layers (transient by design).
+            self._work = {name: torch.zeros(shape[1:], dtype=dtype, device=device) for name in ("k", "v")}
+            self._fresh: dict[str, torch.Tensor] = {}
         self.text_contexts: OrderedDict[object, object] = OrderedDict()
         self.max_text_contexts = max_text_contexts
         self.reset()
@@ -111,13 +137,35 @@ class KVCache:
     def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a block's K/V ([B, H, tokens_per_block, D]) into its slot for ``layer``."""
         lo, hi = plan.write_range
-        self.k[layer, :, :, lo:hi] = k
-        self.v[layer, :, :, lo:hi] = v
+        if self.storage == "bf16":
+            self.k[layer, :, :, lo:hi] = k
+            self.v[layer, :, :, lo:hi] = v
+            return
+        self._fresh = {"k": k, "v": v}
+        if plan.commit:
+            for name, x in self._fresh.items():
+                self._fp4[name].store(layer, plan.slot, lo, hi, x, self.kv_rule)
 
     def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of every resident block's K/V for ``layer``: [B, H, num_valid*tpb, D]."""
+        """Every resident block's K/V for ``layer``: [B, H, num_valid*tpb, D].
+
+        BF16 storage returns views (no copy); NVFP4 storage dequantizes the history into the
+        shared workspace and puts the current block's fresh K/V (from :meth:`write`) in place.
+        """
         n = plan.attend_len
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        if self.storage == "bf16":
+            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        if not self._fresh:
+            raise RuntimeError("KVCache.read: NVFP4 storage needs write() of the current block first")
+        lo, hi = plan.write_range
+        out = []
+        for name in ("k", "v"):
+            work = self._work[name][:, :, :n]
+            self._fp4[name].load(layer, n, self.tokens_per_block, work)
+            work[:, :, lo:hi] = self._fresh[name]
+            out.append(work)
+        self._fresh = {}
+        return out[0], out[1]
 
     def text_context(self, key: object, build: Callable[[], object]) -> object:
         """Memoised cross-attention K/V for a prompt; ``build`` runs once per key."""
@@ -131,4 +179,58 @@ class KVCache:
         return ctx
 
     def memory_bytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes of persistent K/V storage (NVFP4: packed values, block scales, tensor scales)."""
+        if self.storage == "bf16":
+            return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(store.nbytes for store in self._fp4.values())
+
+    def workspace_bytes(self) -> int:
+        """Bytes of the transient dequantization workspace (0 for BF16 storage)."""
+        if self.storage == "bf16":
+            return 0
+        return sum(w.numel() * w.element_size() for w in self._work.values())
+
+    def slot_bytes(self) -> int:
+        """Bytes of one block slot of K (or V) in one layer for one batch element."""
+        tokens = self.tokens_per_block
+        if self.storage == "bf16":
+            return tokens * self.k.shape[2] * self.k.shape[4] * self.k.element_size()
+        store = self._fp4["k"]
+        return tokens * store.packed.shape[2] * (store.packed.shape[4] + store.scales.shape[4]) + 4
+
+
+class _FP4Store:
+    """NVFP4 storage of K or V for all layers: packed values, E4M3 scales, per-slot fp32 scale."""
+
+    def __init__(self, shape: tuple[int, ...], num_slots: int, device):
+        from impl.quant.nvfp4 import GROUP, QuantFormatError
+        L, B, H, S, D = shape
+        if D % GROUP:
+            raise QuantFormatError(f"KVCache: NVFP4 storage needs head_dim divisible by {GROUP}, got {D}")
+        self.packed = torch.zeros((L, B, H, S, D // 2), dtype=torch.uint8, device=device)
+        self.scales = torch.zeros((L, B, H, S, D // GROUP), dtype=torch.float8_e4m3fn, device=device)
+        self.global_scale = torch.zeros((L, B, num_slots), dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.global_scale))
+
+    def store(self, layer: int, slot: int, lo: int, hi: int, x: torch.Tensor, rule: str) -> None:
+        from impl.quant import nvfp4
+        amax = x.detach().abs().amax(dim=(1, 2, 3), keepdim=True).float()   # per batch element
+        q = nvfp4.quantize(x, rule, amax=amax)
+        self.packed[layer, :, :, lo:hi] = q.packed
+        self.scales[layer, :, :, lo:hi] = q.scales
+        self.global_scale[layer, :, slot] = q.global_scale.reshape(-1)
+
+    def load(self, layer: int, n: int, tokens_per_block: int, out: torch.Tensor) -> None:
+        """Dequantize tokens [0, n) of ``layer`` into ``out`` [B, H, n, D]."""
+        packed, scales = self.packed[layer, :, :, :n], self.scales[layer, :, :, :n]
+        gd = self.global_scale[layer]                                        # [B, slots]
+        if out.is_cuda:
+            from impl.quant import triton_nvfp4
+            triton_nvfp4.dequantize_kv(out, packed, scales, gd, tokens_per_block)
+            return
+        from impl.quant.nvfp4 import NVFP4Tensor
+        per_token = gd.repeat_interleave(tokens_per_block, dim=1)[:, None, :n, None]  # [B, 1, n, 1]
+        out.copy_(NVFP4Tensor(packed, scales, per_token, "").dequantize(out.dtype))

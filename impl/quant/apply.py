@@ -1,0 +1,102 @@
+"""Quantize a DiT: merge LoRA, then swap the 300 block linears for quantized ones.
+
+The six outer projections (text/time embedders, time projection, output head), the patch
+embedding and every norm stay BF16, as in the release (code study section 5.5).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from impl.quant.config import QuantConfig
+from impl.quant.linear import Fp8Linear, NVFP4EmulatedLinear, NVFP4WeightOnlyLinear
+
+BLOCK_PREFIX = "blocks."
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    mode: str                  # the mode that was applied (``nvfp4`` resolved)
+    quantized: int             # block linears replaced
+    kept: int                  # other nn.Linear layers left in BF16
+    weight_bytes_before: int   # block linears' weights + biases before
+    weight_bytes_after: int
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(BLOCK_PREFIX)]
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every peft LoRA layer into its base linear and put the base back; returns count."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "merge") and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            module.merge(safe_merge=True)
+            _set_module(model, name, module.base_layer)
+            merged += 1
+    return merged
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``nvfp4`` -> ``nvfp4_te`` where TE's NVFP4 runs, else ``nvfp4_emulated`` (with a warning)."""
+    if mode != "nvfp4":
+        return mode
+    from impl.quant.te_linear import te_nvfp4_status
+    ok, reason = te_nvfp4_status(device)
+    if ok:
+        return "nvfp4_te"
+    warnings.warn(f"nvfp4: Transformer Engine NVFP4 unavailable ({reason}); using nvfp4_emulated", stacklevel=3)
+    return "nvfp4_emulated"
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> QuantReport:
+    """Replace the block linears of ``model`` in place according to ``cfg``."""
+    if merge_lora(model):
+        warnings.warn("quantize_model: merged LoRA weights into the base linears first", stacklevel=2)
+    names = block_linear_names(model)
+    kept = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(names)
+    before = sum(_param_bytes(model.get_submodule(n)) for n in names)
+    if not names:
+        raise ValueError("quantize_model: the model has no block linears (names starting with 'blocks.')")
+    device = next(model.parameters()).device
+    mode = resolve_mode(cfg.mode, device)
+    if mode == "bf16":
+        return QuantReport(mode, 0, kept + len(names), before, before)
+    for name in names:
+        _set_module(model, name, make_quant_linear(model.get_submodule(name), mode, cfg))
+    after = sum(model.get_submodule(n).weight_bytes() for n in names)
+    return QuantReport(mode, len(names), kept, before, after)
+
+
+def make_quant_linear(linear: nn.Linear, mode: str, cfg: QuantConfig) -> nn.Module:
+    """The quantized replacement of one linear for a resolved ``mode`` (not ``nvfp4``)."""
+    if mode == "fp8":
+        return Fp8Linear(linear, cfg)
+    if mode == "nvfp4_emulated":
+        return NVFP4EmulatedLinear(linear, cfg)
+    if mode == "nvfp4_weight_only":
+        return NVFP4WeightOnlyLinear(linear, cfg)
+    if mode == "nvfp4_te":
+        from impl.quant.te_linear import TENVFP4Linear
+        return TENVFP4Linear(linear, stochastic_grads=cfg.quantize_grads, weight_2d=cfg.weight_2d)
+    raise ValueError(f"quantize_model: unknown mode {mode!r}")
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """All parameters and buffers of the model, in bytes."""
+    return _param_bytes(model)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,291 @@
+"""The NVFP4 number format: quantize, pack, dequantize (vectorized PyTorch, any device).
+
+Format (docs/nvfp4.md has the derivations):
+- elements: FP4 E2M1, magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}; code = sign*8 + magnitude index;
+  two codes per byte, the even element in the low nibble;
+- one FP8 E4M3 block scale ``s`` per 16 contiguous elements of the last dimension (or per
+  16x16 tile of a matrix with ``tile_2d``);
+- one FP32 decode factor per tensor ``gd = fp32(amax / (Qt * M))`` (``amax`` = max |x| over
+  the tensor, or given per row group); a value decodes as ``code * s * gd``.
+
+Every rounding is defined on exact real values, so any correct implementation gives the same
+bits (the float64 reference in ``nvfp4_reference.py`` and the Triton kernels agree with this
+file bit for bit; tests check it):
+- ``s = RN_e4m3_satfinite(bmax / (Qb * gd))`` where ``bmax`` is the block's max |x| and ``Qb``
+  the E2M1 value the block max is mapped to (6, or 4 for the 4/6 candidate);
+- ``code = RN_e2m1_satfinite(|x| / (s * gd))``, ties to even, sign = IEEE sign bit of x;
+  ``s == 0`` or ``gd == 0`` gives code 0;
+- 4-over-6 rules pick, per block, the candidate (Qb = 6 or 4) with the smaller block error
+  (sum of squared / sum of absolute / max absolute error of the decoded values), ties to 6.
+  The errors are exact per element in float64 and summed in a fixed pairwise tree (a
+  transpose-symmetric quad tree for 16x16 tiles), so every backend sums in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring E2M1 magnitudes, and whether a tie rounds up (to the even code).
+E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+                  (3.5, True), (5.0, False))
+
+
+@dataclass(frozen=True)
+class ScaleRule:
+    """How block scales are chosen. ``tensor_q * max_scale`` sets the tensor decode factor."""
+
+    name: str
+    tensor_q: float            # Qt: E2M1 value the tensor amax maps to
+    max_scale: float           # M: largest block scale the tensor amax maps to
+    candidates: tuple[float, ...]  # Qb values tried per block
+    error: str | None          # block error used to choose: "mse" | "mae" | "abs_max" | None
+
+
+SCALE_RULES = {
+    "static_6": ScaleRule("static_6", 6.0, 448.0, (6.0,), None),
+    "static_4": ScaleRule("static_4", 4.0, 448.0, (4.0,), None),
+    # 4-over-6: M = 256 keeps 1.5 * s6 <= 384 representable in E4M3.
+    "mse": ScaleRule("mse", 6.0, 256.0, (6.0, 4.0), "mse"),
+    "mae": ScaleRule("mae", 6.0, 256.0, (6.0, 4.0), "mae"),
+    "abs_max": ScaleRule("abs_max", 6.0, 256.0, (6.0, 4.0), "abs_max"),
+}
+
+
+class QuantFormatError(ValueError):
+    """Bad input to a quantizer (shape, rule, dtype); the message says what is allowed."""
+
+
+def get_rule(rule: str | ScaleRule) -> ScaleRule:
+    if isinstance(rule, ScaleRule):
+        return rule
+    if rule not in SCALE_RULES:
+        raise QuantFormatError(f"scale rule: unknown rule {rule!r}; allowed: {sorted(SCALE_RULES)}")
+    return SCALE_RULES[rule]
+
+
+@dataclass
+class NVFP4Tensor:
+    """A quantized tensor of logical shape ``[..., K]`` (K a multiple of 16).
+
+    packed: uint8 [..., K/2]; scales: float8_e4m3fn [..., K/16];
+    global_scale: float32 decode factor ``gd``, broadcastable to ``scales``.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    global_scale: torch.Tensor
+    rule: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.packed.shape[:-1], self.packed.shape[-1] * 2))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.global_scale))
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, *, with_global: bool = True) -> torch.Tensor:
+        """``code * s * gd`` (or ``code * s`` without the global factor, exact in bf16)."""
+        return dequantize(self, dtype, with_global=with_global)
+
+
+# ---- rounding helpers (float64, exact) ----
+
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Round non-negative float64 values to the nearest E4M3 value, ties to even, saturating."""
+    _, exp = torch.frexp(v)
+    # floor(log2 v) = exp - 1; subnormals (below 2^-6) share the 2^-9 spacing.
+    step = torch.ldexp(torch.ones_like(v), (exp - 1).clamp(min=-6) - 3)
+    return (torch.round(v / step) * step).clamp(max=E4M3_MAX)  # v/step is exact (power of 2)
+
+
+def e2m1_magnitude_code(r: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of RN-even-satfinite E2M1(r) for non-negative float64 ratios ``r``."""
+    code = torch.zeros(r.shape, dtype=torch.uint8, device=r.device)
+    for mid, tie_up in E2M1_MIDPOINTS:
+        code += ((r >= mid) if tie_up else (r > mid)).to(torch.uint8)
+    return code
+
+
+def e2m1_stochastic_code(r: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding: round up with probability (r - lo) / (hi - lo); saturating at 6."""
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=r.device)
+    lo = (torch.searchsorted(grid, r.contiguous(), right=True) - 1).clamp(max=7)
+    hi = (lo + 1).clamp(max=7)
+    g_lo, g_hi = grid[lo], grid[hi]
+    span = torch.where(hi > lo, g_hi - g_lo, torch.ones_like(g_lo))
+    up = (hi > lo) & (uniform < (r - g_lo) / span)
+    return (lo + up.long()).to(torch.uint8)
+
+
+def pairwise_sum16(e: torch.Tensor) -> torch.Tensor:
+    """Sum the last dim (16) in a fixed pairwise tree: ((e0+e1)+(e2+e3))+..."""
+    while e.shape[-1] > 1:
+        e = e[..., 0::2] + e[..., 1::2]
+    return e[..., 0]
+
+
+def quadtree_sum16x16(e: torch.Tensor) -> torch.Tensor:
+    """Sum [..., 16, 16] tiles in a transpose-symmetric tree: each 2x2 as (a00+a11)+(a01+a10)."""
+    while e.shape[-1] > 1:
+        e = (e[..., 0::2, 0::2] + e[..., 1::2, 1::2]) + (e[..., 0::2, 1::2] + e[..., 1::2, 0::2])
+    return e[..., 0, 0]
+
+
+# ---- quantize / dequantize ----
+
+def _check_input(x: torch.Tensor, tile_2d: bool) -> None:
+    if not x.is_floating_point():
+        raise QuantFormatError(f"NVFP4 quantize: expected a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] % GROUP:
+        raise QuantFormatError(f"NVFP4 quantize: the last dimension must be a multiple of {GROUP}, "
+                               f"got shape {tuple(x.shape)}")
+    if tile_2d and (x.dim() != 2 or x.shape[0] % GROUP):
+        raise QuantFormatError(f"NVFP4 quantize: 16x16 tiles need a 2-D tensor whose both dims are "
+                               f"multiples of {GROUP}, got shape {tuple(x.shape)}")
+
+
+def _check_amax(amax: torch.Tensor, x: torch.Tensor, tile_2d: bool) -> None:
+    if amax.dim() == 0:
+        return
+    if tile_2d or amax.dim() != x.dim() or amax.shape[-1] != 1:
+        raise QuantFormatError(f"NVFP4 quantize: amax must be a scalar{'' if tile_2d else ' or broadcastable to [..., 1]'}"
+                               f" for x of shape {tuple(x.shape)}, got shape {tuple(amax.shape)}")
+
+
+def global_decode_scale(amax: torch.Tensor, rule: str | ScaleRule) -> torch.Tensor:
+    """``gd = fp32(amax / (Qt * M))``: one IEEE float32 division (exactly rounded)."""
+    r = get_rule(rule)
+    return amax.float() / (r.tensor_q * r.max_scale)
+
+
+def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *, amax: torch.Tensor | None = None,
+             tile_2d: bool = False, uniform: torch.Tensor | None = None,
+             backend: str = "auto") -> NVFP4Tensor:
+    """Quantize ``x [..., K]`` along its last dimension.
+
+    amax: the tensor scale's max |x|; default over the whole tensor. A tensor broadcastable to
+      ``[..., 1]`` gives one decode factor per row group (e.g. per KV-cache slot).
+    tile_2d: one scale per 16x16 tile of a 2-D matrix (so ``x`` and ``x.T`` quantize alike).
+    uniform: float64 U[0, 1) of x's shape for stochastic rounding of the elements (the block
+      scale is still chosen with round-to-nearest).
+    backend: "torch", "triton" (CUDA; 1x16, round-to-nearest) or "auto" (Triton when it applies).
+    """
+    r = get_rule(rule)
+    _check_input(x, tile_2d)
+    if backend not in ("auto", "torch", "triton"):
+        raise QuantFormatError(f"NVFP4 quantize: backend must be auto|torch|triton, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        from impl.quant import triton_nvfp4
+        usable = triton_nvfp4.supports(x, tile_2d=tile_2d, stochastic=uniform is not None)
+        if backend == "triton" and not usable:
+            raise QuantFormatError("NVFP4 quantize: the Triton backend needs a CUDA tensor, Triton, "
+                                   "1x16 blocks and round-to-nearest")
+        if usable:
+            return triton_nvfp4.quantize(x, r, amax=amax)
+    return _quantize_torch(x, r, amax=amax, tile_2d=tile_2d, uniform=uniform)
+
+
+def _quantize_torch(x: torch.Tensor, r: ScaleRule, *, amax: torch.Tensor | None, tile_2d: bool,
+                    uniform: torch.Tensor | None) -> NVFP4Tensor:
+    if amax is None:
+        amax = x.detach().abs().amax().float()
+    _check_amax(amax, x, tile_2d)
+    amax = amax.float()
+    gd = global_decode_scale(amax, r)                              # fp32, broadcastable
+    xd = x.detach().double()
+    blocks = xd.unflatten(-1, (-1, GROUP))                         # [..., K/16, 16]
+    gd_b = gd.double()
+    if gd_b.dim() > 0:
+        gd_b = gd_b.unsqueeze(-1)                                  # per row group -> [..., 1, 1]
+    if tile_2d:
+        tiles = xd.unflatten(0, (-1, GROUP)).unflatten(-1, (-1, GROUP)).transpose(1, 2)  # [R/16, C/16, 16, 16]
+        bmax = tiles.abs().amax(dim=(-1, -2))                      # [R/16, C/16]
+        bmax = bmax.repeat_interleave(GROUP, dim=0)                # [R, C/16]
+    else:
+        bmax = blocks.abs().amax(dim=-1)                           # [..., K/16]
+    gd_s = gd_b.squeeze(-1) if gd_b.dim() > 0 else gd_b
+    best_s, best_code, best_err = None, None, None
+    for qb in r.candidates:
+        s = torch.where(gd_s > 0, round_to_e4m3(bmax / (qb * gd_s)), torch.zeros_like(bmax))
+        step = (s.unsqueeze(-1) * gd_b)                            # exact product in float64
+        ratio = torch.where(step > 0, blocks.abs() / step, torch.zeros_like(blocks))
+        code = e2m1_magnitude_code(ratio)
+        if r.error is not None:
+            err = _block_error(blocks, code, s, gd_b, r.error, tile_2d)
+            if best_err is None:
+                best_s, best_code, best_err = s, code, err
+            else:
+                better = err < best_err                            # strict: ties keep Qb = 6
+                best_s = torch.where(better, s, best_s)
+                best_code = torch.where(better.unsqueeze(-1), code, best_code)
+                best_err = torch.where(better, err, best_err)
+        else:
+            best_s, best_code = s, code
+    if uniform is not None:
+        if uniform.shape != x.shape:
+            raise QuantFormatError(f"NVFP4 quantize: uniform must have x's shape {tuple(x.shape)}, "
+                                   f"got {tuple(uniform.shape)}")
+        step = best_s.unsqueeze(-1) * gd_b
+        ratio = torch.where(step > 0, blocks.abs() / step, torch.zeros_like(blocks))
+        best_code = e2m1_stochastic_code(ratio, uniform.double().unflatten(-1, (-1, GROUP)).to(x.device))
+    sign = torch.signbit(blocks).to(torch.uint8) << 3
+    codes = (best_code | sign).flatten(-2)
+    return NVFP4Tensor(pack_codes(codes), best_s.float().to(torch.float8_e4m3fn), gd.float(), r.name)
+
+
+def _block_error(blocks: torch.Tensor, code: torch.Tensor, s: torch.Tensor, gd_b: torch.Tensor,
+                 kind: str, tile_2d: bool) -> torch.Tensor:
+    """Per-block (or per-tile, repeated over its rows) error of the decoded values, in float64."""
+    mag = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=blocks.device)[code.long()]
+    # (mag * s) has <= 6 significant bits, times gd (24 bits): exact, and so is the difference.
+    e = blocks.abs() - (mag * s.unsqueeze(-1)) * gd_b
+    e = e * e if kind == "mse" else e.abs()
+    if tile_2d:
+        tiles = e.unflatten(0, (-1, GROUP)).transpose(1, 2)        # [R/16, C/16, 16 rows, 16 cols]
+        err = tiles.abs().amax(dim=(-1, -2)) if kind == "abs_max" else quadtree_sum16x16(tiles)
+        return err.repeat_interleave(GROUP, dim=0)
+    return e.amax(dim=-1) if kind == "abs_max" else pairwise_sum16(e)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., K] (0..15) -> bytes [..., K/2], the even element in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def _code_values(device: torch.device) -> torch.Tensor:
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.cat([mags, -mags])
+
+
+def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32, *, with_global: bool = True) -> torch.Tensor:
+    """Decode to ``dtype``. ``code * s`` is exact in bf16; the global factor is applied in fp32."""
+    vals = _code_values(t.packed.device)[unpack_codes(t.packed).long()]  # [..., K] fp32
+    vals = vals.unflatten(-1, (-1, GROUP)) * t.scales.float().unsqueeze(-1)
+    if with_global:
+        gd = t.global_scale
+        vals = vals * (gd.unsqueeze(-1) if gd.dim() > 0 else gd)
+    return vals.flatten(-2).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", **kwargs) -> torch.Tensor:
+    """Quantize then dequantize to x's dtype (no gradient)."""
+    return quantize(x, rule, **kwargs).dequantize(x.dtype)
+
+
+def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
+    x, xq = x.double(), xq.double()
+    return float(10 * torch.log10(x.pow(2).sum() / (x - xq).pow(2).sum()))
