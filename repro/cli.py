@@ -1,4 +1,4 @@
-"""Command line: ``python -m repro {run,report,hardware,specs,generate}``."""
+"""Command line: ``python -m repro {run,report,hardware,specs,generate,profile}``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from repro.generate import run
 
     print(run(args))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from repro.profile import run
+
+    run(args)
     return 0
 
 
@@ -118,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     from repro.generate import add_arguments
     add_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser("profile", help="profile one steady-state AR block: time per phase and top kernels")
+    from repro.profile import add_arguments as add_profile_arguments
+    add_profile_arguments(prof)
+    prof.set_defaults(func=cmd_profile)
     return ap
 
 

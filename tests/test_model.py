@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -152,3 +154,34 @@ def test_5b_preset_has_the_published_size():
     assert 4.9e9 < total < 5.1e9
     assert preset.tokens_per_frame == 880 and preset.tokens_per_block == 7040
     assert preset.dit.rope_split == (44, 42, 42)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile (inductor) needs a C compiler on the CPU")
+def test_compiled_hot_path_matches_eager_and_compiles_once():
+    import torch._dynamo
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = CausalWanDiT(preset.dit, device="cpu", dtype=torch.float32)
+    ctx = model.encode_text(torch.randn(1, 8, preset.dit.text_dim))
+    fpb = preset.stream.frames_per_block
+
+    def stream(m):
+        cache = KVCache(num_layers=preset.dit.num_layers, batch=1, num_heads=preset.dit.num_heads,
+                        head_dim=preset.dit.head_dim, tokens_per_block=preset.tokens_per_block,
+                        stream=preset.stream, dtype=torch.float32, device="cpu")
+        g = torch.Generator().manual_seed(1)
+        outs = []
+        for b in range(6):  # past the window: eviction and every slot position
+            x = torch.randn(1, preset.dit.in_channels, fpb, *preset.latent_hw, generator=g)
+            with torch.no_grad():
+                outs.append(m(x, torch.full((1, fpb), 700.0), ctx, frame_positions=torch.arange(fpb) + b * fpb,
+                              cache=cache, plan=cache.begin_block(b)))
+        return torch.cat(outs, 2)
+
+    ref = stream(model)
+    torch._dynamo.reset()
+    model.compile_hot_path()
+    out = stream(model)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2   # one per half, all layers

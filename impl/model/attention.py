@@ -58,9 +58,19 @@ class Attention(nn.Module):
                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, S, dim]. With ``cache`` the block's K/V are written to its slot first, then the
         queries attend every resident block (bidirectional within the block)."""
+        return self._out(self.attend(*self.project_self(x, cos, sin), cache=cache, layer=layer,
+                                     plan=plan, mask=mask))
+
+    def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, dim] -> q, k, v [B, H, S, D] (q, k normalised and rotated). Pure: compilable."""
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin).transpose(1, 2)
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin).transpose(1, 2)
         v = self._heads(self.to_v(x)).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache | None = None,
+               layer: int = 0, plan: BlockPlan | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention core: KV-cache write/read (or a mask) and SDPA -> o [B, H, S, D]."""
         if cache is not None:
             if plan is None:
                 raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")
@@ -68,8 +78,7 @@ class Attention(nn.Module):
                 raise ValueError("Attention.forward_self: the KV-cache path takes no mask")
             cache.write(layer, plan, k, v)
             k, v = cache.read(layer, plan)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self._out(o)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: [B, G, L, dim] (already text-embedded) -> k, v [B, G, H, L, D]."""

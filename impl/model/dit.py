@@ -114,16 +114,27 @@ class CausalWanBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb6: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
                 cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None, layer: int,
                 plan: BlockPlan | None, mask: torch.Tensor | None) -> torch.Tensor:
-        frames = temb6.shape[1]
+        # Two pure, fixed-shape halves around the attention core: the halves are what
+        # compile_hot_path() compiles; the KV-cache bookkeeping and SDPA stay eager.
+        q, k, v, mod = self.pre_attention(x, temb6, cos, sin)
+        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask)
+        return self.post_attention(x, o, mod, text_kv)
+
+    def pre_attention(self, x, temb6, cos, sin):
+        """adaLN-modulated norm1 and the self-attention projections (q, k rotated)."""
         mod = (self.scale_shift_table.float()[None] + temb6.float())[:, :, :, None]  # [B, F, 6, 1, C]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
+        shift1, scale1 = mod[:, :, 0], mod[:, :, 1]
+        h = (_per_frame(self.norm1(x), temb6.shape[1]) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
+        q, k, v = self.attn1.project_self(h, cos, sin)
+        return q, k, v, mod
 
-        h = (_per_frame(self.norm1(x), frames) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
-        a = self.attn1.forward_self(h, cos, sin, cache=cache, layer=layer, plan=plan, mask=mask)
+    def post_attention(self, x, o, mod, text_kv):
+        """Self-attention output projection and gate, cross-attention, modulated FFN."""
+        frames = mod.shape[1]
+        gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+        a = self.attn1._out(o)
         x = (x.float() + (_per_frame(a, frames) * gate1).flatten(1, 2)).type_as(x)
-
         x = x + self.attn2.forward_cross(self.norm2(x).type_as(x), text_kv)
-
         h = (_per_frame(self.norm3(x), frames) * (1 + scale2) + shift2).flatten(1, 2).type_as(x)
         f = self.ffn(h)
         return (x.float() + (_per_frame(f.float(), frames) * gate2).flatten(1, 2)).type_as(x)
@@ -143,6 +154,15 @@ class CausalWanDiT(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, cfg.dim, **fk) / cfg.dim**0.5)
         self.rope = Rope3D(cfg)
         self.gradient_checkpointing = False
+
+    def compile_hot_path(self, **compile_kwargs) -> None:
+        """``torch.compile`` each block's two pure halves (norms, modulation, projections, RoPE,
+        gates, cross-attention, FFN). Shapes are fixed per block, so they compile once and
+        are reused by every layer and block; the KV-cache writes/reads and SDPA between them
+        stay eager, so block positions and cache slots never cause recompiles."""
+        for blk in self.blocks:
+            blk.pre_attention = torch.compile(blk.pre_attention, **compile_kwargs)
+            blk.post_attention = torch.compile(blk.post_attention, **compile_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,6 +8,8 @@ table) and a per-shot offset is just a larger position.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from impl.config import DiTConfig
@@ -22,6 +24,9 @@ class Rope3D:
         self.inv_freq = [
             cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.split
         ]
+        # The tables of the last few blocks: a block's denoising steps and re-cache pass reuse
+        # them, so each block builds and uploads its tables once.
+        self._memo: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def tables(self, frame_positions: torch.Tensor, grid_hw: tuple[int, int],
                dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +35,18 @@ class Rope3D:
         ``frame_positions`` holds the temporal RoPE position of each latent frame (absolute
         frame index plus the multi-shot offset).
         """
+        key = (tuple(frame_positions.tolist()), tuple(grid_hw), dtype, str(device))
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        tables = self._build(frame_positions, grid_hw, dtype, torch.device(device))
+        self._memo[key] = tables
+        if len(self._memo) > 4:
+            self._memo.popitem(last=False)
+        return tables
+
+    def _build(self, frame_positions: torch.Tensor, grid_hw: tuple[int, int], dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         gh, gw = grid_hw
         t = frame_positions.to(torch.float64).cpu()
         f = t.numel()
@@ -41,7 +58,10 @@ class Rope3D:
             ang_h[None, :, None, :].expand(f, gh, gw, -1),
             ang_w[None, None, :, :].expand(f, gh, gw, -1),
         ], dim=-1).reshape(f * gh * gw, -1)
-        return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if device.type == "cuda":  # pinned + non_blocking: no host sync in the forward
+            return cos.pin_memory().to(device, non_blocking=True), sin.pin_memory().to(device, non_blocking=True)
+        return cos.to(device), sin.to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""``python -m repro profile``: where the time of one steady-state AR block goes.
+
+Builds the model like the ``inference_speed`` benchmark (random weights at the preset's size),
+generates ``--warmup-blocks`` blocks, then profiles the next block's DiT work (denoising
+steps + re-cache) with ``torch.profiler``. GPU kernel time is grouped into phases (GEMM,
+attention, NVFP4/FP8 quantization, norms and elementwise, copies, other); the gap between the
+block's wall time and the summed kernel time is reported as idle (launch overhead, host
+syncs). Prints a table and writes the full summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+PHASES = [  # first match wins; matched against lower-case kernel names
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn|scaled_dot_product")),
+    ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|_mm_|matmul|wo_mm|splitk|^aten::(addmm|mm|bmm|linear)$")),
+    ("quantize", re.compile(r"nvfp4|quant|fp8|e4m3|scaled")),
+    ("norm_elementwise", re.compile(r"elementwise|vectorized|norm|reduce|triton|cat|copy_kernel|index|rope")),
+    ("memcpy", re.compile(r"memcpy|memset")),
+]
+
+
+def phase_of(kernel: str) -> str:
+    name = kernel.lower()
+    for phase, pattern in PHASES:
+        if pattern.search(name):
+            return phase
+    return "other"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "wan22_ti2v_5b"])
+    ap.add_argument("--precision", default="bf16", help="block-linear mode (see inference_speed)")
+    ap.add_argument("--kv-cache", default="bf16", choices=["bf16", "nvfp4"])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup-blocks", type=int, default=4)
+    ap.add_argument("--top", type=int, default=15, help="kernels listed")
+    ap.add_argument("--out", default=None, help="JSON summary path (default: print only)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from impl.config import get_preset
+    from impl.model.dit import CausalWanDiT
+    from impl.pipeline import StreamingPipeline
+    from impl.quant.apply import quantize_model
+    from impl.quant.config import QuantConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(args.preset).replace(stream={"steps": args.steps})
+    model = CausalWanDiT(preset.dit, device=device, dtype=torch.bfloat16).eval()
+    if args.precision != "bf16":
+        quantize_model(model, QuantConfig.for_inference(args.precision))
+    text = torch.randn(1, preset.text.max_length, preset.dit.text_dim).to(device, torch.bfloat16)
+    pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text, device=device, kv_cache=args.kv_cache)
+    prompts = ["a profiled prompt"] * (args.warmup_blocks + 1)
+    wall: dict[str, float] = {}
+
+    def on_block(t) -> None:
+        wall[t.block] = t.dit_ms
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    state = {"prof": None}
+
+    class _Hook:  # start the profiler when the profiled block begins (after warm-up blocks)
+        def __init__(self):
+            self.seen = 0
+
+        def __call__(self, t):
+            on_block(t)
+            self.seen += 1
+            if self.seen == args.warmup_blocks:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                state["prof"] = profile(activities=activities)
+                state["prof"].__enter__()
+
+    hook = _Hook()
+    t0 = time.perf_counter()
+    pipe.generate(prompts, decode=False, on_block=hook)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    state["prof"].__exit__(None, None, None)
+    block_ms = wall[args.warmup_blocks]
+
+    # GPU: self time of device kernels. CPU: self time of aten ops (the "kernels" there).
+    kernels: dict[str, float] = {}
+    for ev in state["prof"].key_averages():
+        if device.type == "cuda":
+            us = getattr(ev, "self_device_time_total", None)
+            us = getattr(ev, "self_cuda_time_total", 0.0) if us is None else us
+            keep = str(getattr(ev, "device_type", "")).endswith("CUDA")
+        else:
+            us, keep = ev.self_cpu_time_total, ev.key.startswith("aten::")
+        if keep and us:
+            kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 1e3
+    phases: dict[str, float] = {}
+    for name, ms in kernels.items():
+        phases[phase_of(name)] = phases.get(phase_of(name), 0.0) + ms
+    busy = sum(phases.values())
+    phases["idle_or_host"] = max(0.0, block_ms - busy)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]
+    summary = {"preset": args.preset, "precision": args.precision, "kv_cache": args.kv_cache,
+               "steps": args.steps, "block_dit_ms": block_ms, "kernel_ms": busy,
+               "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+               "top_kernels_ms": dict(top), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "wall_s": time.perf_counter() - t0}
+    print(f"block DiT time {block_ms:.1f} ms, kernels {busy:.1f} ms")
+    for phase, ms in summary["phases_ms"].items():
+        print(f"  {phase:<18}{ms:>10.1f} ms  {100 * ms / block_ms:5.1f}%")
+    print("top kernels:")
+    for name, ms in top:
+        print(f"  {ms:>9.1f} ms  {name[:110]}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run one stage of the GPU measurements on a lent device machine (see README "GPU runs").
+# Usage: COMMIT=<sha> bash scripts/device_stage.sh STAGE [extra repro-run args]
+# Records go to /tmp/res on the device and are copied flat into $OUT/rec for fetching
+# (the device tool returns files at most two folders deep).
+set -uo pipefail
+stage=$1; shift
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/rec"
+run() { python3 -m repro run "$@" --results /tmp/res --no-progress --commit "${COMMIT:-unknown}"; }
+case $stage in
+  tests)    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests_gpu.log"
+            python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;
+  kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;
+  profile)  for p in "$@"; do python3 -m repro profile --preset wan22_ti2v_5b --precision "$p" --out "$OUT/rec/profile_$p.json"; done ;;
+  infer)    run experiments/inference_speed.yaml "$@" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+status=$?
+for f in /tmp/res/*/*/*.json; do [ -f "$f" ] && cp "$f" "$OUT/rec/$(echo "$f" | cut -d/ -f4)__$(basename "$f")"; done
+exit $status
