@@ -39,6 +39,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache", default="bf16", choices=["bf16", "nvfp4"])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup-blocks", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="compile the hot path first (CausalWanDiT.compile_hot_path)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed")
     ap.add_argument("--out", default=None, help="JSON summary path (default: print only)")
 
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> dict:
     model = CausalWanDiT(preset.dit, device=device, dtype=torch.bfloat16).eval()
     if args.precision != "bf16":
         quantize_model(model, QuantConfig.for_inference(args.precision))
+    if args.compile:
+        model.compile_hot_path()
     text = torch.randn(1, preset.text.max_length, preset.dit.text_dim).to(device, torch.bfloat16)
     pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text, device=device, kv_cache=args.kv_cache)
     prompts = ["a profiled prompt"] * (args.warmup_blocks + 1)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     busy = sum(phases.values())
     phases["idle_or_host"] = max(0.0, block_ms - busy)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]
-    summary = {"preset": args.preset, "precision": args.precision, "kv_cache": args.kv_cache,
+    summary = {"preset": args.preset, "precision": args.precision, "kv_cache": args.kv_cache, "compile": args.compile,
                "steps": args.steps, "block_dit_ms": block_ms, "kernel_ms": busy,
                "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
                "top_kernels_ms": dict(top), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
