@@ -33,6 +33,12 @@ def phase_of(kernel: str) -> str:
     return "other"
 
 
+def _commit(given: str | None) -> str:
+    from repro.records import git_state
+    sha = git_state()["commit"]
+    return given if sha == "unknown" and given else sha
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "wan22_ti2v_5b"])
     ap.add_argument("--precision", default="bf16", help="block-linear mode (see inference_speed)")
@@ -42,6 +48,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--compile", action="store_true", help="compile the hot path first (CausalWanDiT.compile_hot_path)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed")
     ap.add_argument("--out", default=None, help="JSON summary path (default: print only)")
+    ap.add_argument("--commit", default=None, metavar="SHA",
+                    help="commit to record when the tree has no git metadata (a copy on a remote GPU)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -114,7 +122,8 @@ def run(args: argparse.Namespace) -> dict:
                "steps": args.steps, "block_dit_ms": block_ms, "kernel_ms": busy,
                "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
                "top_kernels_ms": dict(top), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "wall_s": time.perf_counter() - t0}
+               "torch": torch.__version__, "wall_s": time.perf_counter() - t0,
+               "commit": _commit(args.commit), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"block DiT time {block_ms:.1f} ms, kernels {busy:.1f} ms")
     for phase, ms in summary["phases_ms"].items():
         print(f"  {phase:<18}{ms:>10.1f} ms  {100 * ms / block_ms:5.1f}%")

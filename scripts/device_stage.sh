@@ -19,7 +19,7 @@ case $stage in
             python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;
   kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;
   profile)  name=$1; shift  # profile NAME [repro profile args]: writes $OUT/rec/profile_NAME.json
-            python3 -m repro profile --preset wan22_ti2v_5b "$@" --out "$OUT/rec/profile_$name.json" ;;
+            python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" --out "$OUT/rec/profile_$name.json" ;;
   infer)    run experiments/inference_speed.yaml "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
