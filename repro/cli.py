@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="device class to run on (default: cuda if available, else cpu)")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
-                     help="run only variants whose KEY equals VALUE (repeatable)")
+                     help="run only variants whose KEY equals VALUE (repeatable); the baseline always runs too")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--commit", default=None, metavar="SHA",
                      help="commit to record when the tree has no git metadata (a copy on a remote GPU)")

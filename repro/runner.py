@@ -90,6 +90,9 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
         variants = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())]
         if not variants:
             raise SpecError(f"{spec.path}: --only {filt} matches no variant on {dev}")
+        if base_variant is not None and all(v.slug != base_variant.slug for v in variants):
+            # Speedups compare with a baseline measured in the same run, so it always runs.
+            variants.insert(0, base_variant)
 
     git = git_state()
     if commit is not None and git["commit"] == "unknown":

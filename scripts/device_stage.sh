@@ -13,7 +13,8 @@ else
   export PYTHONPATH=$PWD
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/rec"
-run() { python3 -m repro run "$@" --results /tmp/res --no-progress --commit "${COMMIT:-unknown}"; }
+# Each run is capped (LIMIT seconds) so the records written so far are still copied out.
+run() { timeout "${LIMIT:-560}" python3 -m repro run "$@" --results /tmp/res --no-progress --commit "${COMMIT:-unknown}"; }
 case $stage in
   tests)    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests_gpu.log"
             python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;

@@ -55,10 +55,11 @@ def test_speedup_against_baseline(tmp_path):
     assert by_speed[2.5]["metrics"]["speedup_vs_baseline"] == pytest.approx(2.5)
     assert by_speed[0.5]["metrics"]["speedup_vs_baseline"] == pytest.approx(0.5)
     assert by_speed[2.5]["baseline"]["metric"] == "e2e_fps"
-    # Baseline filtered out of this invocation: no speedup (must be measured in the same run).
+    # A filter that leaves the baseline out still runs it, so speedups stay same-run.
     run_spec(spec, results_dir=tmp_path / "r2", device="cpu", only={"speed": "2.5"}, progress=False)
-    (rec,) = load_records(tmp_path / "r2")
-    assert "speedup_vs_baseline" not in rec["metrics"]
+    by_speed = {r["variant"]["speed"]: r for r in load_records(tmp_path / "r2")}
+    assert sorted(by_speed) == [1.0, 2.5]
+    assert by_speed[2.5]["metrics"]["speedup_vs_baseline"] == pytest.approx(2.5)
 
 
 def test_speedup_direction():
