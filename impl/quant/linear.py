@@ -156,9 +156,17 @@ class NVFP4EmulatedLinear(QuantLinear):
         return self._out(nvfp4_matmul(xq, _packed_weight(self)), x)
 
 
+# Measured on an H100 (tests/docs: docs/nvfp4.md): the fused Triton GEMM reaches ~310 TFLOP/s at
+# M = 7040, while dequantizing into a transient BF16 weight (2.3 TB/s) + cuBLAS reaches ~650;
+# at M = 16 the fused kernel is as fast. So many-token calls take the dequantize path.
+FUSED_MAX_TOKENS = 64
+
+
 class NVFP4WeightOnlyLinear(QuantLinear):
-    """Packed 4-bit weights, BF16 activations: on CUDA a Triton GEMM dequantizes the weight
-    tiles in its prologue (the BF16 weight never exists in memory); elsewhere dequantize."""
+    """Packed 4-bit weights, BF16 activations. On CUDA: up to ``FUSED_MAX_TOKENS`` rows, a
+    Triton GEMM dequantizes the weight tiles in its prologue (the BF16 weight never exists in
+    memory); above it, the weight is dequantized into a transient BF16 tensor for cuBLAS (one
+    layer at a time). Elsewhere: dequantize and matmul."""
 
     def __init__(self, linear: nn.Linear, cfg: QuantConfig):
         super().__init__(linear, cfg)
@@ -168,9 +176,12 @@ class NVFP4WeightOnlyLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = _flat(x)
         wq = _packed_weight(self)
-        if x.device.type == "cuda":
+        if x.device.type == "cuda" and x2d.shape[0] <= FUSED_MAX_TOKENS:
             from impl.quant import triton_nvfp4
             y = triton_nvfp4.weight_only_matmul(x2d.to(torch.bfloat16), wq)
+        elif x.device.type == "cuda":
+            w = wq.dequantize(torch.bfloat16, with_global=False)       # code * s: exact in BF16
+            y = torch.mm(x2d.to(torch.bfloat16), w.t(), out_dtype=torch.float32) * wq.global_scale
         else:
             y = (x2d.float() @ wq.dequantize(torch.float32, with_global=False).t()) * wq.global_scale
         return self._out(y, x)

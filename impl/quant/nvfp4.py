@@ -272,7 +272,13 @@ def _code_values(device: torch.device) -> torch.Tensor:
 
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32, *, with_global: bool = True) -> torch.Tensor:
-    """Decode to ``dtype``. ``code * s`` is exact in bf16; the global factor is applied in fp32."""
+    """Decode to ``dtype``. ``code * s`` is exact in bf16; the global factor is applied in fp32.
+
+    On CUDA the Triton kernel does it (bit-identical, about 20x the bandwidth of these ops)."""
+    if t.packed.is_cuda and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from impl.quant import triton_nvfp4
+        if triton_nvfp4.available():
+            return triton_nvfp4.dequantize(t, dtype, with_global=with_global)
     vals = _code_values(t.packed.device)[unpack_codes(t.packed).long()]  # [..., K] fp32
     vals = vals.unflatten(-1, (-1, GROUP)) * t.scales.float().unsqueeze(-1)
     if with_global:
