@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run one stage of the GPU measurements on a lent device machine (see README "GPU runs").
 # Usage: COMMIT=<sha> bash scripts/device_stage.sh STAGE [extra repro-run args]
-# Records go to /tmp/res on the device and are copied flat into $OUT/rec for fetching
-# (the device tool returns files at most two folders deep).
+# Records go to /tmp/res on the device and come back as one archive, $OUT/res.tgz (the device
+# tool returns a limited number of files); logs and profiles are written under $OUT.
 set -uo pipefail
 stage=$1; shift
 export PYTHONUNBUFFERED=1
@@ -12,7 +12,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/rec"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Each run is capped (LIMIT seconds) so the records written so far are still copied out.
 run() { timeout "${LIMIT:-560}" python3 -m repro run "$@" --results /tmp/res --no-progress --commit "${COMMIT:-unknown}"; }
 case $stage in
@@ -20,10 +20,11 @@ case $stage in
             python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;
   kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;
   profile)  name=$1; shift  # profile NAME [repro profile args]: writes $OUT/rec/profile_NAME.json
-            python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" --out "$OUT/rec/profile_$name.json" ;;
+            mkdir -p /tmp/res/profiles
+            python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" --out "/tmp/res/profiles/profile_$name.json" ;;
   infer)    run experiments/inference_speed.yaml "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 status=$?
-for f in /tmp/res/*/*/*.json; do [ -f "$f" ] && cp "$f" "$OUT/rec/$(echo "$f" | cut -d/ -f4)__$(basename "$f")"; done
+[ -d /tmp/res ] && tar czf "$OUT/res.tgz" -C /tmp/res .
 exit $status
