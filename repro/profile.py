@@ -35,8 +35,10 @@ def phase_of(kernel: str) -> str:
 
 def _commit(given: str | None) -> str:
     from repro.records import git_state
-    sha = git_state()["commit"]
-    return given if sha == "unknown" and given else sha
+    state = git_state()
+    if given and (state["commit"] == "unknown" or (state.get("dirty") and not state["commit"].startswith(given))):
+        return given   # a tree copy without (or with stale) git metadata: trust the caller
+    return state["commit"]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

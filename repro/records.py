@@ -106,6 +106,9 @@ def is_record(data: Any) -> bool:
             and isinstance(data.get("metrics"), dict))
 
 
+PROFILES_DIR = "profiles"
+
+
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     """All records under ``results_dir`` (recursive, sorted by path); junk is skipped with a warning."""
     root = Path(results_dir)
@@ -114,6 +117,8 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
         return out
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith("."):  # in-flight temp files of another writer
+            continue
+        if PROFILES_DIR in path.relative_to(root).parts:  # `repro profile` summaries, not records
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -72,8 +72,8 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
     Raises SpecError for invalid specs/filters and RunError (after running the others) if
     any variant failed. ``speedup_vs_baseline`` is filled in only when the baseline variant
     ran successfully in this same invocation. ``commit`` names the code's commit where the
-    tree is a copy without git metadata (e.g. on a remote GPU machine); a real checkout's
-    own HEAD always wins, so a record can never claim a commit it was not run from.
+    tree is a copy without git metadata (e.g. on a remote GPU machine), or with stale metadata
+    (an older HEAD plus uncommitted edits); a clean checkout's own HEAD always wins.
     """
     spec = load_spec(spec_path)
     try:
@@ -97,6 +97,11 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
     git = git_state()
     if commit is not None and git["commit"] == "unknown":
         git = {"commit": commit, "dirty": None, "commit_source": "--commit (tree without git metadata)"}
+    elif commit is not None and not git["commit"].startswith(commit) and git.get("dirty"):
+        # A copied tree whose git metadata is stale (it names an older commit and shows edits):
+        # the caller's --commit says which committed tree was sent.
+        git = {"commit": commit, "dirty": None,
+               "commit_source": f"--commit (tree copy with stale git metadata: {git['commit'][:12]} + edits)"}
     spec_rel = spec_relpath(spec.path)
     written: dict[str, tuple[Path, dict[str, Any]]] = {}
     failures: list[tuple[Variant, str]] = []

@@ -84,3 +84,16 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["specs", "--dir", str(tmp_path)]) == 0
     listing = capsys.readouterr().out
     assert "[repro_test_fake]  test" in listing and "[gemm_throughput]" in listing
+
+
+def test_commit_flag_overrides_stale_dirty_git_metadata(tmp_path, monkeypatch):
+    import repro.runner as runner
+    spec = write_spec(tmp_path / "s.yaml")
+    monkeypatch.setattr(runner, "git_state", lambda: {"commit": "a" * 40, "dirty": True})
+    run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, commit="b" * 7)
+    (rec,) = load_records(tmp_path / "r")
+    assert rec["commit"] == "b" * 7 and "stale" in rec["commit_source"]
+    monkeypatch.setattr(runner, "git_state", lambda: {"commit": "a" * 40, "dirty": False})
+    run_spec(spec, results_dir=tmp_path / "r2", device="cpu", progress=False, commit="b" * 7)
+    (rec,) = load_records(tmp_path / "r2")
+    assert rec["commit"] == "a" * 40      # a clean checkout's own HEAD wins
