@@ -39,9 +39,12 @@ test: venv
 test-gpu: venv
 	$(PY) -m pytest -q -m gpu
 
-## Benchmarks (print ratios measured in one run): GEMM roofline inputs and inference FPS.
+## Benchmarks (ratios measured in one run): GEMM roofline inputs, NVFP4 kernels, quantized
+## linears (speedup_vs_bf16), inference FPS (speedup_vs_baseline).
 bench: venv
 	$(PY) -m repro run experiments/gemm_throughput.yaml --results $(RESULTS)
+	$(PY) -m repro run experiments/nvfp4_kernels.yaml --results $(RESULTS)
+	$(PY) -m repro run experiments/quant_linear.yaml --results $(RESULTS)
 	$(PY) -m repro run experiments/inference_speed.yaml --results $(RESULTS)
 	$(MAKE) --no-print-directory report
 
