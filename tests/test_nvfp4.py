@@ -153,8 +153,11 @@ def test_stochastic_rounding_is_unbiased_within_a_block():
 def test_rht_is_orthogonal_and_preserves_products():
     h = rht_matrix(torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(16, dtype=torch.float64), atol=1e-15)
-    a, b = torch.randn(8, 64, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 64, dtype=torch.float64, generator=g), torch.randn(5, 64, dtype=torch.float64, generator=g)
     assert torch.allclose(apply_rht(a) @ apply_rht(b).T, a @ b.T, atol=1e-12)
+    a32 = a.float()
+    assert torch.allclose(apply_rht(a32) @ apply_rht(b.float()).T, a32 @ b.float().T, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 16"):
         apply_rht(torch.randn(3, 20))
 

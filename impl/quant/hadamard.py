@@ -30,5 +30,6 @@ def apply_rht(x: torch.Tensor) -> torch.Tensor:
     """Transform groups of 16 along the last dim: ``x_g -> x_g @ H^T`` (orthogonal)."""
     if x.shape[-1] % 16:
         raise ValueError(f"RHT: the last dimension must be a multiple of 16, got {tuple(x.shape)}")
-    h = rht_matrix(torch.float32, x.device)
-    return (x.float().unflatten(-1, (-1, 16)) @ h.T).flatten(-2).to(x.dtype)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32   # never below fp32
+    h = rht_matrix(ct, x.device)
+    return (x.to(ct).unflatten(-1, (-1, 16)) @ h.T).flatten(-2).to(x.dtype)
