@@ -28,6 +28,7 @@ from impl.config import Preset
 from impl.model.attention import TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
+from impl.quant.config import check_kv_storage
 from impl.sampling import make_sampler
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in diffusers
@@ -104,7 +105,6 @@ class StreamingPipeline:
         self.embed_text = text_embedder
         self.vae = vae
         self.device = torch.device(device)
-        from impl.quant.config import check_kv_storage
         check_kv_storage(kv_cache, kv_rule)
         self.kv_cache, self.kv_rule = kv_cache, kv_rule   # KV storage: bf16 (model dtype) or nvfp4
         self._cache: KVCache | None = None

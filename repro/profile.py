@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     from impl.quant.apply import quantize_model
     from impl.quant.config import QuantConfig
 
+    if args.warmup_blocks < 1:
+        raise ValueError(f"--warmup-blocks: must be >= 1 (the profiled block follows them), got {args.warmup_blocks}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(args.preset).replace(stream={"steps": args.steps})
     model = CausalWanDiT(preset.dit, device=device, dtype=torch.bfloat16).eval()
@@ -74,38 +76,27 @@ def run(args: argparse.Namespace) -> dict:
     text = torch.randn(1, preset.text.max_length, preset.dit.text_dim).to(device, torch.bfloat16)
     pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text, device=device, kv_cache=args.kv_cache)
     prompts = ["a profiled prompt"] * (args.warmup_blocks + 1)
-    wall: dict[str, float] = {}
-
-    def on_block(t) -> None:
-        wall[t.block] = t.dit_ms
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    state = {"prof": None}
+    prof = profile(activities=activities)
+    dit_ms: dict[int, float] = {}
 
-    class _Hook:  # start the profiler when the profiled block begins (after warm-up blocks)
-        def __init__(self):
-            self.seen = 0
+    def on_block(t) -> None:  # start profiling once the warm-up blocks are done
+        dit_ms[t.block] = t.dit_ms
+        if t.block == args.warmup_blocks - 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            prof.__enter__()
 
-        def __call__(self, t):
-            on_block(t)
-            self.seen += 1
-            if self.seen == args.warmup_blocks:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                state["prof"] = profile(activities=activities)
-                state["prof"].__enter__()
-
-    hook = _Hook()
     t0 = time.perf_counter()
-    pipe.generate(prompts, decode=False, on_block=hook)
+    pipe.generate(prompts, decode=False, on_block=on_block)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    state["prof"].__exit__(None, None, None)
-    block_ms = wall[args.warmup_blocks]
+    prof.__exit__(None, None, None)
+    block_ms = dit_ms[args.warmup_blocks]
 
     # GPU: self time of device kernels. CPU: self time of aten ops (the "kernels" there).
     kernels: dict[str, float] = {}
-    for ev in state["prof"].key_averages():
+    for ev in prof.key_averages():
         if device.type == "cuda":
             us = getattr(ev, "self_device_time_total", None)
             us = getattr(ev, "self_cuda_time_total", 0.0) if us is None else us

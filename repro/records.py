@@ -106,8 +106,8 @@ def is_record(data: Any) -> bool:
             and isinstance(data.get("metrics"), dict))
 
 
-PROFILES_DIR = "profiles"   # also skipped: RAW_DIR
-RAW_DIR = "raw"              # standalone measurement logs that are not result records
+# Folders under results/ that hold other JSON: `repro profile` summaries and raw kernel logs.
+NON_RECORD_DIRS = {"profiles", "raw"}
 
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -119,7 +119,7 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith("."):  # in-flight temp files of another writer
             continue
-        if {PROFILES_DIR, RAW_DIR} & set(path.relative_to(root).parts):  # not result records
+        if NON_RECORD_DIRS & set(path.relative_to(root).parts):
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -38,6 +38,9 @@ from typing import Callable
 import torch
 
 from impl.config import StreamConfig
+from impl.memory import tensor_bytes
+from impl.quant import nvfp4
+from impl.quant.config import check_kv_storage
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,6 @@ class KVCache:
                  tokens_per_block: int, stream: StreamConfig, dtype: torch.dtype,
                  device: torch.device | str, max_text_contexts: int = 8,
                  storage: str = "bf16", kv_rule: str = "mse"):
-        from impl.quant.config import check_kv_storage
         check_kv_storage(storage, kv_rule)
         self.storage, self.kv_rule = storage, kv_rule
         self.batch, self.dtype = batch, dtype
@@ -181,14 +183,14 @@ class KVCache:
     def memory_bytes(self) -> int:
         """Bytes of persistent K/V storage (NVFP4: packed values, block scales, tensor scales)."""
         if self.storage == "bf16":
-            return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+            return tensor_bytes((self.k, self.v))
         return sum(store.nbytes for store in self._fp4.values())
 
     def workspace_bytes(self) -> int:
         """Bytes of the transient dequantization workspace (0 for BF16 storage)."""
         if self.storage == "bf16":
             return 0
-        return sum(w.numel() * w.element_size() for w in self._work.values())
+        return tensor_bytes(self._work.values())
 
     def slot_bytes(self) -> int:
         """Bytes of one block slot of K (or V) in one layer for one batch element."""
@@ -203,20 +205,18 @@ class _FP4Store:
     """NVFP4 storage of K or V for all layers: packed values, E4M3 scales, per-slot fp32 scale."""
 
     def __init__(self, shape: tuple[int, ...], num_slots: int, device):
-        from impl.quant.nvfp4 import GROUP, QuantFormatError
         L, B, H, S, D = shape
-        if D % GROUP:
-            raise QuantFormatError(f"KVCache: NVFP4 storage needs head_dim divisible by {GROUP}, got {D}")
+        if D % nvfp4.GROUP:
+            raise nvfp4.QuantFormatError(f"KVCache: NVFP4 storage needs head_dim divisible by {nvfp4.GROUP}, got {D}")
         self.packed = torch.zeros((L, B, H, S, D // 2), dtype=torch.uint8, device=device)
-        self.scales = torch.zeros((L, B, H, S, D // GROUP), dtype=torch.float8_e4m3fn, device=device)
+        self.scales = torch.zeros((L, B, H, S, D // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
         self.global_scale = torch.zeros((L, B, num_slots), dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.global_scale))
+        return tensor_bytes((self.packed, self.scales, self.global_scale))
 
     def store(self, layer: int, slot: int, lo: int, hi: int, x: torch.Tensor, rule: str) -> None:
-        from impl.quant import nvfp4
         amax = x.detach().abs().amax(dim=(1, 2, 3), keepdim=True).float()   # per batch element
         q = nvfp4.quantize(x, rule, amax=amax)
         self.packed[layer, :, :, lo:hi] = q.packed
@@ -225,12 +225,5 @@ class _FP4Store:
 
     def load(self, layer: int, n: int, tokens_per_block: int, out: torch.Tensor) -> None:
         """Dequantize tokens [0, n) of ``layer`` into ``out`` [B, H, n, D]."""
-        packed, scales = self.packed[layer, :, :, :n], self.scales[layer, :, :, :n]
-        gd = self.global_scale[layer]                                        # [B, slots]
-        if out.is_cuda:
-            from impl.quant import triton_nvfp4
-            triton_nvfp4.dequantize_kv(out, packed, scales, gd, tokens_per_block)
-            return
-        from impl.quant.nvfp4 import NVFP4Tensor
-        per_token = gd.repeat_interleave(tokens_per_block, dim=1)[:, None, :n, None]  # [B, 1, n, 1]
-        out.copy_(NVFP4Tensor(packed, scales, per_token, "").dequantize(out.dtype))
+        nvfp4.dequantize_kv(out, self.packed[layer, :, :, :n], self.scales[layer, :, :, :n],
+                            self.global_scale[layer], tokens_per_block)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from impl.memory import module_bytes
 from impl.quant.config import QuantConfig
 from impl.quant.linear import Fp8Linear, NVFP4EmulatedLinear, NVFP4WeightOnlyLinear
 
@@ -59,18 +60,17 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> QuantReport:
     if merge_lora(model):
         warnings.warn("quantize_model: merged LoRA weights into the base linears first", stacklevel=2)
     names = block_linear_names(model)
-    kept = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(names)
-    before = sum(_param_bytes(model.get_submodule(n)) for n in names)
     if not names:
         raise ValueError("quantize_model: the model has no block linears (names starting with 'blocks.')")
+    kept = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(names)
+    before = block_linear_bytes(model, names)
     device = next(model.parameters()).device
     mode = resolve_mode(cfg.mode, device)
     if mode == "bf16":
         return QuantReport(mode, 0, kept + len(names), before, before)
     for name in names:
         _set_module(model, name, make_quant_linear(model.get_submodule(name), mode, cfg))
-    after = sum(model.get_submodule(n).weight_bytes() for n in names)
-    return QuantReport(mode, len(names), kept, before, after)
+    return QuantReport(mode, len(names), kept, before, block_linear_bytes(model, names))
 
 
 def make_quant_linear(linear: nn.Linear, mode: str, cfg: QuantConfig) -> nn.Module:
@@ -87,13 +87,10 @@ def make_quant_linear(linear: nn.Linear, mode: str, cfg: QuantConfig) -> nn.Modu
     raise ValueError(f"quantize_model: unknown mode {mode!r}")
 
 
-def _param_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def model_weight_bytes(model: nn.Module) -> int:
-    """All parameters and buffers of the model, in bytes."""
-    return _param_bytes(model)
+def block_linear_bytes(model: nn.Module, names: list[str] | None = None) -> int:
+    """Bytes held by the block linears (weights, biases, quantized buffers). Pass the names
+    taken before quantization: quantized layers are no longer ``nn.Linear``."""
+    return sum(module_bytes(model.get_submodule(n)) for n in (names or block_linear_names(model)))
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

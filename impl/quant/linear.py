@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from impl.memory import module_bytes
 from impl.quant import nvfp4
 from impl.quant.config import QuantConfig
 from impl.quant.fp8 import fp8_matmul, quantize_rowwise
@@ -39,7 +40,7 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes this layer holds for its weight and bias (parameters and buffers)."""
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        return module_bytes(self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.cfg.mode}"

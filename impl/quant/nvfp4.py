@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from impl.memory import tensor_bytes
+
 GROUP = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -88,7 +90,7 @@ class NVFP4Tensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.global_scale))
+        return tensor_bytes((self.packed, self.scales, self.global_scale))
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed)
@@ -285,6 +287,19 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32, *, with_globa
         gd = t.global_scale
         vals = vals * (gd.unsqueeze(-1) if gd.dim() > 0 else gd)
     return vals.flatten(-2).to(dtype)
+
+
+def dequantize_kv(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gd: torch.Tensor,
+                  tokens_per_block: int) -> None:
+    """Decode a KV cache's tokens [0, T) into ``out`` [B, H, T, D]; packed [B, H, T, D/2] and
+    scales [B, H, T, D/16] (strided views allowed), gd [B, slots]: token t uses gd[b, t // tpb].
+    On CUDA one Triton kernel does it; elsewhere :func:`dequantize` with per-token scales."""
+    if out.is_cuda:
+        from impl.quant import triton_nvfp4
+        triton_nvfp4.dequantize_kv(out, packed, scales, gd, tokens_per_block)
+        return
+    per_token = gd.repeat_interleave(tokens_per_block, dim=1)[:, None, :packed.shape[2], None]  # [B, 1, T, 1]
+    out.copy_(NVFP4Tensor(packed, scales, per_token, "").dequantize(out.dtype))
 
 
 def fake_quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", **kwargs) -> torch.Tensor:

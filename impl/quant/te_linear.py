@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from impl.memory import module_bytes
+
 
 def te_nvfp4_status(device: torch.device | str | None = None) -> tuple[bool, str]:
     """(usable, reason): whether ``nvfp4_te`` can run on ``device``."""
@@ -70,4 +72,4 @@ class TENVFP4Linear(nn.Module):
             return self.linear(x)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+        return module_bytes(self)

@@ -26,7 +26,8 @@ from impl.model.dit import CausalWanDiT
 from impl.model.vae import build_vae
 from impl.pipeline import BlockTiming, StreamingPipeline
 from impl.precision import compute_dtype
-from impl.quant.apply import block_linear_names, model_weight_bytes, quantize_model
+from impl.memory import module_bytes
+from impl.quant.apply import block_linear_bytes, quantize_model
 from impl.quant.config import QuantConfig
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.roofline import measure_peak_rates, roofline_fps
@@ -108,8 +109,8 @@ def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardwa
         "roofline_gemm": gemm_kind,
         "gemm_tflops_measured": gemm_tflops,
         "attn_tflops_measured": attn_tflops,
-        "weight_mem_gb": model_weight_bytes(model) / 1e9,
-        "block_linear_weight_gb": (quant.weight_bytes_after if quant else _block_linear_bytes(model)) / 1e9,
+        "weight_mem_gb": module_bytes(model) / 1e9,
+        "block_linear_weight_gb": (quant.weight_bytes_after if quant else block_linear_bytes(model)) / 1e9,
         "kv_mem_gb": cache.memory_bytes() / 1e9,
         "kv_workspace_gb": cache.workspace_bytes() / 1e9,
         "frames_per_block": frames,
@@ -123,10 +124,6 @@ def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardwa
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return metrics
-
-
-def _block_linear_bytes(model) -> int:
-    return sum(model_weight_bytes(model.get_submodule(n)) for n in block_linear_names(model))
 
 
 INFERENCE_SPEED = register(Benchmark(

@@ -59,7 +59,7 @@ def run_nvfp4_kernels(variant: dict[str, Any], measure: dict[str, Any], hardware
 
             def fn():
                 pk, sc = kv[next(calls) % len(kv)]
-                _dequantize_kv(out, pk, sc, gd, tpb)
+                nvfp4.dequantize_kv(out, pk, sc, gd, tpb)
     n = measure["calls_per_timing"]
 
     def batch():
@@ -71,15 +71,6 @@ def run_nvfp4_kernels(variant: dict[str, Any], measure: dict[str, Any], hardware
     copy = copy_bandwidth_gbps(device, measure["copy_mb"] * 2 ** 20, measure["warmup"], measure["repeats"])
     return {"ms_p50": t, "gbps": gbps, "copy_gbps": copy, "fraction_of_copy": gbps / copy,
             "mbytes_moved": moved / 1e6}
-
-
-def _dequantize_kv(out, packed, scales, gd, tpb):
-    if out.is_cuda:
-        from impl.quant import triton_nvfp4
-        triton_nvfp4.dequantize_kv(out, packed, scales, gd, tpb)
-    else:
-        per_token = gd.repeat_interleave(tpb, dim=1)[:, None, :, None]
-        out.copy_(nvfp4.NVFP4Tensor(packed, scales, per_token, "").dequantize(out.dtype))
 
 
 NVFP4_KERNELS = register(Benchmark(

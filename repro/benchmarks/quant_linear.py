@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from impl.memory import module_bytes
 from impl.quant.apply import make_quant_linear
 from impl.quant.config import QuantConfig
 from repro.benchmark import Benchmark, FieldSpec, register
@@ -57,10 +58,9 @@ def run_quant_linear(variant: dict[str, Any], measure: dict[str, Any], hardware:
     times, base = timed(layer), timed(dense)
     p50, base_p50 = statistics.median(times), statistics.median(base)
     flops = 2.0 * m * n * k
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
     return {"tflops": flops / (p50 * 1e-3) / 1e12, "ms_p50": p50, "ms_p90": sorted(times)[int(0.9 * (len(times) - 1))],
             "bf16_ms_p50": base_p50, "speedup_vs_bf16": base_p50 / p50,
-            "weight_mb": weight_bytes / 1e6, "rel_err_vs_bf16": float((out - ref).norm() / ref.norm())}
+            "weight_mb": module_bytes(layer) / 1e6, "rel_err_vs_bf16": float((out - ref).norm() / ref.norm())}
 
 
 QUANT_LINEAR = register(Benchmark(
