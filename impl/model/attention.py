@@ -9,6 +9,7 @@ sequence under an explicit mask (training, reference forward).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,12 @@ class TextContext:
         return self.kv[0][0].shape[1]
 
 
+# An attention core maps rotated q, k, v [B, H, S, D] to o [B, H, S, D]. It replaces the masked
+# SDPA of a full-sequence forward: a FlexAttention block mask, or the Ulysses SP exchange
+# around one (impl.parallel.attention).
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, *, device=None, dtype=None):
         super().__init__()
@@ -55,11 +62,11 @@ class Attention(nn.Module):
 
     def forward_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                      cache: KVCache | None = None, layer: int = 0, plan: BlockPlan | None = None,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, core: AttentionCore | None = None) -> torch.Tensor:
         """x: [B, S, dim]. With ``cache`` the block's K/V are written to its slot first, then the
         queries attend every resident block (bidirectional within the block)."""
         return self._out(self.attend(*self.project_self(x, cos, sin), cache=cache, layer=layer,
-                                     plan=plan, mask=mask))
+                                     plan=plan, mask=mask, core=core))
 
     def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, dim] -> q, k, v [B, H, S, D] (q, k normalised and rotated). Pure: compilable."""
@@ -69,8 +76,14 @@ class Attention(nn.Module):
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache | None = None,
-               layer: int = 0, plan: BlockPlan | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention core: KV-cache write/read (or a mask) and SDPA -> o [B, H, S, D]."""
+               layer: int = 0, plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
+               core: AttentionCore | None = None) -> torch.Tensor:
+        """Self-attention core: KV-cache write/read (or a mask) and SDPA -> o [B, H, S, D].
+        ``core`` replaces the masked SDPA of a full-sequence forward (no cache, no mask)."""
+        if core is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("Attention.attend: an attention core takes neither a KV cache nor a mask")
+            return core(q, k, v)
         if cache is not None:
             if plan is None:
                 raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")

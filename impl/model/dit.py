@@ -20,18 +20,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from impl.config import DiTConfig
-from impl.model.attention import Attention, TextContext
+from impl.model.attention import Attention, AttentionCore, TextContext
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.model.rope import Rope3D
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: low-precision tensors go up to float32, float64 stays float64 (so the
+    float64 exactness tests never round through float32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the parameter dtype (diffusers' FP32LayerNorm)."""
+    """LayerNorm computed in (at least) float32 whatever the parameter dtype (diffusers' FP32LayerNorm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+        w = _f32(self.weight) if self.weight is not None else None
+        b = _f32(self.bias) if self.bias is not None else None
+        return F.layer_norm(_f32(x), self.normalized_shape, w, b, self.eps)
 
 
 class _GeluProj(nn.Module):
@@ -113,16 +119,17 @@ class CausalWanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb6: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
                 cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None, layer: int,
-                plan: BlockPlan | None, mask: torch.Tensor | None) -> torch.Tensor:
+                plan: BlockPlan | None, mask: torch.Tensor | None,
+                core: AttentionCore | None = None) -> torch.Tensor:
         # Two pure, fixed-shape halves around the attention core: the halves are what
         # compile_hot_path() compiles; the KV-cache bookkeeping and SDPA stay eager.
         q, k, v, mod = self.pre_attention(x, temb6, cos, sin)
-        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask)
+        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask, core=core)
         return self.post_attention(x, o, mod, text_kv)
 
     def pre_attention(self, x, temb6, cos, sin):
         """adaLN-modulated norm1 and the self-attention projections (q, k rotated)."""
-        mod = (self.scale_shift_table.float()[None] + temb6.float())[:, :, :, None]  # [B, F, 6, 1, C]
+        mod = (_f32(self.scale_shift_table)[None] + _f32(temb6))[:, :, :, None]  # [B, F, 6, 1, C]
         shift1, scale1 = mod[:, :, 0], mod[:, :, 1]
         h = (_per_frame(self.norm1(x), temb6.shape[1]) * (1 + scale1) + shift1).flatten(1, 2).type_as(x)
         q, k, v = self.attn1.project_self(h, cos, sin)
@@ -133,11 +140,11 @@ class CausalWanBlock(nn.Module):
         frames = mod.shape[1]
         gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
         a = self.attn1._out(o)
-        x = (x.float() + (_per_frame(a, frames) * gate1).flatten(1, 2)).type_as(x)
+        x = (_f32(x) + (_per_frame(a, frames) * gate1).flatten(1, 2)).type_as(x)
         x = x + self.attn2.forward_cross(self.norm2(x).type_as(x), text_kv)
         h = (_per_frame(self.norm3(x), frames) * (1 + scale2) + shift2).flatten(1, 2).type_as(x)
         f = self.ffn(h)
-        return (x.float() + (_per_frame(f.float(), frames) * gate2).flatten(1, 2)).type_as(x)
+        return (_f32(x) + (_per_frame(_f32(f), frames) * gate2).flatten(1, 2)).type_as(x)
 
 
 class CausalWanDiT(nn.Module):
@@ -180,11 +187,13 @@ class CausalWanDiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: TextContext | torch.Tensor, *,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                plan: BlockPlan | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
+                attention: AttentionCore | None = None) -> torch.Tensor:
         """Flow prediction for ``latents`` [B, C, F, h, w] at per-frame ``timesteps`` [B, F].
 
         Streaming: pass ``cache`` and the block's ``plan`` (from ``cache.begin_block``).
-        Full sequence: pass an optional boolean ``mask`` [S, S] (True = attend).
+        Full sequence: pass an optional boolean ``mask`` [S, S] (True = attend), or an
+        ``attention`` core that attends rotated q, k, v itself (FlexAttention, Ulysses SP).
         """
         b, c, f, lh, lw = latents.shape
         pt, ph, pw = self.cfg.patch_size
@@ -209,13 +218,13 @@ class CausalWanDiT(nn.Module):
 
         for i, block in enumerate(self.blocks):
             args = (x, temb6, context.kv[i], cos, sin)
-            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask)
+            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask, core=attention)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False, **kwargs)
             else:
                 x = block(*args, **kwargs)
 
-        shift, scale = (self.scale_shift_table.float()[None] + temb.float()[:, :, None]).unbind(2)  # [B, F, C]
+        shift, scale = (_f32(self.scale_shift_table)[None] + _f32(temb)[:, :, None]).unbind(2)  # [B, F, C]
         x = (_per_frame(self.norm_out(x), f) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
         x = self.proj_out(x.to(self.dtype))
         x = x.reshape(b, f, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -1,0 +1,1 @@
+"""Training: data layer, teacher-forcing losses and the sequence-parallel training loop."""

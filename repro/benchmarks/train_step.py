@@ -1,0 +1,107 @@
+"""``train_step``: teacher-forcing training step time, throughput, memory and GEMM share.
+
+One rank of the AR trainer (:class:`impl.train.trainer.Trainer`, sp_size 1) on pre-encoded
+synthetic latents (VAE and text encoder excluded: they are not part of the step being
+compared across precisions). ``num_layers`` reduces the depth at full width when the 5B
+model's optimizer state would not fit one GPU; step time scales linearly with depth, the
+GEMM share and the precision ratios do not depend on it. After ``warmup_steps`` (FlexAttention
+and quantizer compilation), ``steps`` optimizer steps are timed; one more step runs under
+torch.profiler and its GPU kernel time is split into phases (GEMM, attention, quantization,
+elementwise, ...) with :mod:`repro.profile`'s categories.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+from typing import Any
+
+import torch
+
+from impl.config import get_preset
+from impl.train.config import TrainConfig
+from impl.train.data import SyntheticLatentSource
+from impl.train.trainer import Trainer
+from repro.benchmark import Benchmark, FieldSpec, register
+
+PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4_emulated", "nvfp4_te"]
+
+
+def _profile_step(trainer: Trainer, source, sampler, device: torch.device) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from repro.profile import kernel_times_ms, phase_times_ms
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step(source, sampler)
+    phases = phase_times_ms(kernel_times_ms(prof, device.type))
+    total = sum(phases.values()) or 1.0
+    return {f"{name}_share": ms / total for name, ms in phases.items()}
+
+
+def run_train_step(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    from impl.train.data import ShardedSampler
+
+    device = torch.device(hardware["device"])
+    preset = get_preset(variant["preset"])
+    layers = variant["num_layers"] or None
+    cfg = TrainConfig(preset=variant["preset"], num_layers=layers, frames=variant["frames"],
+                      precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
+                      attention_backend=variant["attention_backend"], steps=10**9, ema_start_step=None,
+                      seed=measure["seed"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(cfg, device=device)
+    h, w = preset.latent_hw
+    source = SyntheticLatentSource(preset.dit.in_channels, cfg.frames, h, w, preset.text.max_length,
+                                   preset.dit.text_dim, frames_per_block=preset.stream.frames_per_block,
+                                   length=4, seed=measure["seed"])
+    sampler = ShardedSampler(len(source), 0, 1, seed=measure["seed"])
+    for _ in range(measure["warmup_steps"]):
+        trainer.train_step(source, sampler)
+    stats = [trainer.train_step(source, sampler) for _ in range(measure["steps"])]
+    step_s = statistics.median(s.step_s for s in stats)
+    metrics: dict[str, Any] = {
+        "step_s": step_s,
+        "tokens_per_s": stats[0].tokens / step_s,
+        "tokens_per_step": stats[0].tokens,
+        "num_layers": trainer.model.cfg.num_layers,
+        "params_b": sum(p.numel() for p in trainer.model.parameters()) / 1e9,
+        "loss": stats[-1].loss,
+    }
+    if device.type == "cuda":
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if measure["profile"]:
+        metrics.update(_profile_step(trainer, source, sampler, device))
+    del trainer, source
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return metrics
+
+
+TRAIN_STEP = register(Benchmark(
+    name="train_step",
+    description="Teacher-forcing AR training step (one rank, synthetic latents): time, tokens/s, memory, GEMM share.",
+    variant_fields={
+        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model width preset"),
+        "num_layers": FieldSpec(int, 0, min=0, help="depth override (0 = the preset's depth)"),
+        "precision": FieldSpec(str, "bf16", choices=PRECISIONS, help="training precision of the block linears"),
+        "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
+        "gradient_checkpointing": FieldSpec(bool, True, help="recompute each block in backward"),
+        "attention_backend": FieldSpec(str, "auto", choices=["auto", "dense", "flex"],
+                                       help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
+    },
+    measure_fields={
+        "warmup_steps": FieldSpec(int, 1, min=1, help="untimed steps (compilation, allocator warm-up)"),
+        "steps": FieldSpec(int, 3, min=1, help="timed optimizer steps (median reported)"),
+        "profile": FieldSpec(bool, True, help="profile one extra step for the per-phase time shares"),
+        "seed": FieldSpec(int, 0, min=0),
+    },
+    run=run_train_step,
+    table_metrics=["step_s", "tokens_per_s", "peak_mem_gb", "gemm_share", "attention_share", "quantize_share",
+                   "norm_elementwise_share", "params_b"],
+    primary_metric="tokens_per_s",
+))

@@ -1,0 +1,247 @@
+"""The analytic Balanced-vs-naive SP training cost model (repro/benchmarks/sp_training_cost.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from impl.config import DiTConfig, get_preset
+from repro.benchmarks import sp_training_cost as sc
+from repro.spec import load_spec
+
+CPU = {"device": "cpu"}
+MEASURE = {"gemm_tflops": 750.0, "attn_tflops": 650.0, "link_gbps": 450.0}
+SPEC = Path(__file__).resolve().parents[1] / "experiments" / "sp_training_cost.yaml"
+
+
+def _variant(**kw):
+    return {**sc.SP_TRAINING_COST.defaults(), **kw}
+
+
+def _run(**kw):
+    return sc.run_sp_training_cost(_variant(**kw), dict(MEASURE), CPU)
+
+
+def _brute_force_mask(n_blocks: int, block_tokens: int) -> np.ndarray:
+    """[clean; noisy] teacher-forcing mask built token by token from the rule."""
+    s = 2 * n_blocks * block_tokens
+    idx = np.arange(s)
+    noisy = idx >= s // 2
+    block = (idx % (s // 2)) // block_tokens
+    qn, kn = noisy[:, None], noisy[None, :]
+    qb, kb = block[:, None], block[None, :]
+    clean_q = ~qn & ~kn & (kb <= qb)
+    noisy_q = qn & ((~kn & (kb < qb)) | (kn & (kb == qb)))
+    return clean_q | noisy_q
+
+
+def test_mask_pairs_and_density_match_brute_force():
+    for n_blocks, bt in [(1, 3), (4, 5), (7, 2)]:
+        m = _brute_force_mask(n_blocks, bt)
+        assert m.sum() == sc.tf_mask_pairs(n_blocks, bt)
+        assert m.mean() == pytest.approx(sc.mask_density(n_blocks))
+    assert sc.mask_density(12) == pytest.approx(0.2708, abs=1e-4)   # 96 frames, code study 3.2
+
+
+def test_mask_pairs_match_the_implementation_layouts():
+    layout_mod = pytest.importorskip("impl.parallel.layout")
+    for kind in ("balanced", "naive"):
+        for sp in (1, 2, 4):
+            lay = layout_mod.TeacherForcingLayout(num_frames=16, frames_per_block=2, sp_size=sp, kind=kind)
+            assert int(layout_mod.dense_mask(lay, 3).sum()) == sc.tf_mask_pairs(8, 2 * 3)
+            ours = sc.rank_frames(16, sp, kind)
+            for r in range(sp):
+                hc, hn, a, b = ours[r]
+                expect = [(c, f) for c, ok in ((layout_mod.CLEAN, hc), (layout_mod.NOISY, hn)) if ok
+                          for f in range(a, b)]
+                assert lay.rank_frames(r) == expect
+
+
+def test_tokens_and_attention_flops_match_brute_force():
+    p = get_preset("tiny")                       # 4 tokens/frame, 2 frames/block, 4 heads
+    t, fpb = p.tokens_per_frame, p.stream.frames_per_block
+    frames = 4 * fpb                             # 4 blocks
+    mask = _brute_force_mask(4, fpb * t)
+    for sp in (1, 2, 4):
+        for layout in ("balanced", "naive"):
+            m = sc.training_cost("tiny", frames, sp, layout)
+            assert m["tokens_per_rank"] * sp == m["tokens_global"] == mask.shape[0]
+            d = p.dit
+            per_layer = (4 * d.head_dim * (d.num_heads // sp) * mask.sum()
+                         + 4 * d.head_dim * d.num_heads * m["tokens_per_rank"] * p.text.max_length)
+            assert m["attn_tflop_per_rank"] * 1e12 == pytest.approx(4 * d.num_layers * per_layer)
+            # Per-rank frames cover each (copy, frame) of the clip exactly once.
+            held = [(c, f) for hc, hn, a, b in sc.rank_frames(frames, sp, layout)
+                    for c, ok in (("clean", hc), ("noisy", hn)) if ok for f in range(a, b)]
+            assert sorted(held) == sorted((c, f) for c in ("clean", "noisy") for f in range(frames))
+            assert len(held) * t == m["tokens_per_rank"] * sp
+
+
+def test_naive_ranks_hold_one_copy_balanced_both():
+    bal = sc.rank_frames(96, 4, "balanced")
+    assert all(hc and hn for hc, hn, _, _ in bal) and [(a, b) for *_, a, b in bal] == [(0, 24), (24, 48), (48, 72), (72, 96)]
+    naive = sc.rank_frames(96, 4, "naive")
+    assert [(hc, hn, a, b) for hc, hn, a, b in naive] == [
+        (True, False, 0, 48), (True, False, 48, 96), (False, True, 0, 48), (False, True, 48, 96)]
+
+
+def test_balanced_and_naive_have_equal_dit_cost():
+    for frames, sp in [(96, 2), (96, 4), (384, 8)]:
+        bal, naive = _run(frames=frames, sp_size=sp, sp_layout="balanced"), _run(frames=frames, sp_size=sp, sp_layout="naive")
+        for k in ("tokens_per_rank", "gemm_tflop_per_rank", "attn_tflop_per_rank", "activation_mem_gb",
+                  "comm_a2a_bytes_per_rank", "gemm_s", "attn_s"):
+            assert bal[k] == naive[k], k
+
+
+def test_balanced_window_table_f96_sp4():
+    assert sc.balanced_windows(96, 4, 28) == [(0, 93), (0, 189), (76, 285), (172, 381)]
+    m = _run(frames=96, sp_size=4, sp_layout="balanced", halo=28)
+    assert m["vae_raw_frames_max_rank"] == 209
+    assert m["vae_raw_frames_total"] == 93 + 189 + 209 + 209
+    hw3 = 704 * 1280 * 3
+    assert m["comm_data_bytes_root"] == (189 + 209 + 209) * hw3       # uint8 windows of ranks 1..3
+    assert m["vae_encode_tflop_max_rank"] * 1e12 == pytest.approx(sc.vae_window_flops("wan22_ti2v_5b", 209))
+    # Cross-check with the implementation's window arithmetic where it exists.
+    vae_encode = pytest.importorskip("impl.parallel.vae_encode")
+    table = vae_encode.window_table(96, 4, 28)
+    assert [(w.raw_start, w.raw_stop) for w in table] == sc.balanced_windows(96, 4, 28)
+
+
+def test_naive_vae_critical_path_is_the_full_clip():
+    for frames, sp in [(96, 4), (384, 8)]:
+        m = _run(frames=frames, sp_size=sp, sp_layout="naive")
+        full = 1 + 4 * (frames - 1)
+        assert m["vae_raw_frames_max_rank"] == m["vae_raw_frames_total"] == full
+        assert m["vae_encode_tflop_max_rank"] * 1e12 == pytest.approx(sc.vae_window_flops("wan22_ti2v_5b", full))
+        assert m["comm_data_bytes_root"] == (sp - 1) * (2 * frames // sp) * 48 * 44 * 80 * 2
+        bal = _run(frames=frames, sp_size=sp, sp_layout="balanced")
+        assert bal["vae_encode_tflop_max_rank"] < m["vae_encode_tflop_max_rank"]
+
+
+def test_vae_flops_are_linear_in_chunks():
+    first, chunk = sc.vae_encode_flops("tiny")
+    assert 0 < chunk and 0 < first
+    # A direct count of a 9-frame encode (first frame + 2 chunks) matches the linear model.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from impl.model.vae import build_vae
+    p = get_preset("tiny")
+    with torch.device("meta"):
+        vae = build_vae(p.vae, dtype=torch.bfloat16, device="meta")
+    x = torch.empty(1, 3, 9, p.video.height, p.video.width, device="meta", dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as counter:
+        vae.encode(x)
+    assert counter.get_total_flops() == pytest.approx(sc.vae_window_flops("tiny", 9))
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        sc.vae_window_flops("tiny", 8)
+
+
+def test_all_to_all_bytes_scale_with_sp_minus_one_over_sp():
+    p = get_preset("wan22_ti2v_5b")
+    frames = 192
+    for sp in (1, 2, 4, 8):
+        m = _run(frames=frames, sp_size=sp, sp_layout="balanced")
+        n = 2 * frames * p.tokens_per_frame / sp
+        assert m["comm_a2a_bytes_per_rank"] == pytest.approx(3 * 30 * 4 * (sp - 1) / sp * n * 3072 * 2)
+        assert m["comm_bytes_per_rank"] == pytest.approx(m["comm_a2a_bytes_per_rank"] + m["comm_data_bytes_root"])
+    # Same per-rank tensor (tokens_per_rank fixed): bytes grow exactly as (sp-1)/sp.
+    a = _run(frames=96, sp_size=2, sp_layout="balanced")["comm_a2a_bytes_per_rank"]
+    b = _run(frames=192, sp_size=4, sp_layout="balanced")["comm_a2a_bytes_per_rank"]
+    c = _run(frames=384, sp_size=8, sp_layout="balanced")["comm_a2a_bytes_per_rank"]
+    assert (a / (1 / 2), b / (3 / 4), c / (7 / 8)) == pytest.approx((a * 2,) * 3)
+
+
+def test_sp1_layouts_identical():
+    for frames in (24, 96):
+        bal, naive = _run(frames=frames, sp_size=1, sp_layout="balanced"), _run(frames=frames, sp_size=1, sp_layout="naive")
+        assert bal == naive
+        assert bal["comm_bytes_per_rank"] == 0 and bal["vae_raw_frames_max_rank"] == 1 + 4 * (frames - 1)
+
+
+def test_step_time_and_speedup_vs_naive():
+    base = _run(frames=96, sp_size=4, sp_layout="balanced")
+    assert base["est_step_s"] == pytest.approx(base["gemm_s"] + base["attn_s"] + base["comm_s"] + base["vae_s"])
+    assert base["vae_s"] == 0 and base["vae_time_modelled"] is False
+    assert base["est_tokens_per_s"] == pytest.approx(base["tokens_global"] / base["est_step_s"])
+    with_vae = _run(frames=96, sp_size=4, sp_layout="balanced", vae_encode_ms_per_frame=2.0)
+    assert with_vae["vae_s"] == pytest.approx(209 * 2e-3)
+    assert with_vae["est_speedup_vs_naive"] == pytest.approx(
+        _run(frames=96, sp_size=4, sp_layout="naive", vae_encode_ms_per_frame=2.0)["est_step_s"] / with_vae["est_step_s"])
+    assert with_vae["est_speedup_vs_naive"] > 1
+    assert _run(frames=96, sp_size=4, sp_layout="naive")["est_speedup_vs_naive"] == 1.0
+    assert _run(frames=96, sp_size=3, sp_layout="balanced")["est_speedup_vs_naive"] is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"frames": 96, "sp_size": 8}, "frames: must be a positive multiple of sp_size \\* frames_per_block"),
+    ({"frames": 100, "sp_size": 1}, "frames: must be a positive multiple"),
+    ({"frames": 96, "sp_size": 3, "sp_layout": "naive"}, "sp_size must be 1 or even"),
+    ({"frames": 160, "sp_size": 5}, "sp_size must divide 24"),
+])
+def test_invalid_variants_raise_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sc.check_variant(_variant(**kw))
+    with pytest.raises(ValueError, match=match):
+        _run(**kw)
+
+
+def test_layer_activation_accounting_matches_saved_tensors():
+    """The per-token byte accounting equals what autograd saves for one CausalWanBlock
+    (BF16, flash-style attention core keeping q, k, v, o and the log-sum-exp)."""
+    from impl.model.dit import CausalWanDiT
+
+    class _FlashLike(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            lse = torch.zeros(q.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o
+
+        @staticmethod
+        def backward(ctx, grad):  # never called
+            return None, None, None
+
+    for d, f, heads in [(128, 512, 4), (128, 1024, 2), (256, 512, 4)]:
+        cfg = DiTConfig(num_layers=1, dim=d, num_heads=heads, ffn_dim=f, in_channels=16, out_channels=16,
+                        text_dim=128, freq_dim=64)
+        torch.manual_seed(0)
+        model = CausalWanDiT(cfg, dtype=torch.bfloat16)
+        frames, per_frame = 8, 64
+        s = frames * per_frame
+        x = torch.randn(1, s, d, dtype=torch.bfloat16, requires_grad=True)
+        temb6 = torch.randn(1, frames, 6, d, dtype=torch.bfloat16)
+        kv = tuple(t.detach() for t in model.encode_text(torch.randn(1, 16, 128)).kv[0])
+        cos, sin = model.rope.tables(torch.arange(frames), (8, 8), torch.float32, "cpu")
+        skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), x, temb6, *kv, cos, sin)}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key not in skip:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.blocks[0](x, temb6, kv, cos, sin, cache=None, layer=0, plan=None, mask=None,
+                            core=_FlashLike.apply)
+        per_token = (4 * sc.ACT_FP32_D + 2 * sc.ACT_BF16_D) * d + sc.ACT_FFN_BYTES * f \
+            + sc.ACT_LSE_BYTES_PER_HEAD * heads + sc.ACT_STATS_BYTES
+        expect = s * per_token + frames * sc.ACT_FRAME_BYTES_D * d + sc.ACT_LAYER_BYTES_D * d
+        assert sum(saved.values()) == expect, (d, f, heads)
+
+
+def test_spec_expands_and_runs_fast():
+    spec = load_spec(SPEC)
+    variants = spec.expand("cpu")
+    assert len(variants) == 28 and spec.expand("cuda") == variants
+    assert spec.baseline_variant("cpu").values["sp_layout"] == "naive"
+    sc.vae_encode_flops("wan22_ti2v_5b")          # the one-off FLOP count is cached
+    t0 = time.perf_counter()
+    for v in variants:
+        sc.run_sp_training_cost(dict(v.values), spec.measure_for("cpu"), CPU)
+    assert time.perf_counter() - t0 < 2.0
