@@ -23,6 +23,9 @@ case $stage in
             mkdir -p /tmp/res/profiles
             python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" --out "/tmp/res/profiles/profile_$name.json" ;;
   infer)    run experiments/inference_speed.yaml "$@" ;;
+  train)    python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tee "$OUT/tests_train_gpu.log" | tail -3
+            run experiments/train_step.yaml "$@" ;;
+  vae)      run experiments/vae_decode.yaml "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 status=$?
