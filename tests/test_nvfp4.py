@@ -205,3 +205,16 @@ def test_cross_check_against_torchao():
     assert scales_equal > 0.99 and packed_equal > 0.99, (scales_equal, packed_equal)
     step = (ours.scales.float() * ours.global_scale).repeat_interleave(16, -1)
     assert ((theirs.dequantize(torch.float32) - ours.dequantize()).abs() <= 2 * step + 1e-12).all()
+
+
+@pytest.mark.parametrize("tile_2d,stochastic", [(False, False), (True, False), (False, True)])
+def test_chunked_torch_quantize_is_bit_identical(monkeypatch, tile_2d, stochastic):
+    """Large tensors are quantized in row chunks under the whole tensor's scale: same bits."""
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) if stochastic else None
+    whole = nvfp4.quantize(x, "mse", tile_2d=tile_2d, uniform=u, backend="torch")
+    monkeypatch.setattr(nvfp4, "_CHUNK_ELEMENTS", 16 * 64)   # 16-row chunks
+    chunked = nvfp4.quantize(x, "mse", tile_2d=tile_2d, uniform=u, backend="torch")
+    assert torch.equal(chunked.packed, whole.packed)
+    assert torch.equal(chunked.scales.view(torch.uint8), whole.scales.view(torch.uint8))
+    assert torch.equal(chunked.global_scale, whole.global_scale)

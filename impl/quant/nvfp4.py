@@ -197,11 +197,39 @@ def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *, amax: torch
     return _quantize_torch(x, r, amax=amax, tile_2d=tile_2d, uniform=uniform)
 
 
+# The PyTorch path computes in float64 with several full-size temporaries; above this many
+# elements it quantizes row chunks under the whole tensor's amax (bit-identical: every block
+# depends only on its own values and the tensor scale), so a training-size activation
+# gradient needs a few GB less, not tens of GB more.
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def _quantize_torch(x: torch.Tensor, r: ScaleRule, *, amax: torch.Tensor | None, tile_2d: bool,
                     uniform: torch.Tensor | None) -> NVFP4Tensor:
     if amax is None:
         amax = x.detach().abs().amax().float()
     _check_amax(amax, x, tile_2d)
+    k = x.shape[-1]
+    rows = x.numel() // k
+    chunk_rows = max(GROUP, _CHUNK_ELEMENTS // k // GROUP * GROUP)
+    if amax.dim() > 0 or rows <= chunk_rows:
+        return _quantize_rows(x, r, amax=amax, tile_2d=tile_2d, uniform=uniform)
+    if uniform is not None and uniform.shape != x.shape:
+        raise QuantFormatError(f"NVFP4 quantize: uniform must have x's shape {tuple(x.shape)}, "
+                               f"got {tuple(uniform.shape)}")
+    x2 = x.reshape(rows, k)
+    u2 = None if uniform is None else uniform.reshape(rows, k)
+    parts = [_quantize_rows(x2[i:i + chunk_rows], r, amax=amax, tile_2d=tile_2d,
+                            uniform=None if u2 is None else u2[i:i + chunk_rows])
+             for i in range(0, rows, chunk_rows)]
+    lead = x.shape[:-1]
+    return NVFP4Tensor(torch.cat([p.packed for p in parts]).reshape(*lead, k // 2),
+                       torch.cat([p.scales for p in parts]).reshape(*lead, k // GROUP),
+                       parts[0].global_scale, r.name)
+
+
+def _quantize_rows(x: torch.Tensor, r: ScaleRule, *, amax: torch.Tensor, tile_2d: bool,
+                   uniform: torch.Tensor | None) -> NVFP4Tensor:
     amax = amax.float()
     gd = global_decode_scale(amax, r)                              # fp32, broadcastable
     xd = x.detach().double()

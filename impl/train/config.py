@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 10.0
     gradient_checkpointing: bool = True
+    compile: bool = False              # torch.compile the blocks' pure halves (norms, projections, FFN)
     shift: float = 5.0
     ema_decay: float = 0.99
     ema_start_step: int | None = 100   # None disables the EMA

@@ -58,6 +58,8 @@ def build_training_model(cfg: TrainConfig, preset: Preset, device: torch.device)
         from impl.quant.config import QuantConfig
         quantize_model(model, QuantConfig.for_training(cfg.precision))
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        model.compile_hot_path()
     return model.train()
 
 

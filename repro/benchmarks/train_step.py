@@ -48,6 +48,7 @@ def run_train_step(variant: dict[str, Any], measure: dict[str, Any], hardware: d
     layers = variant["num_layers"] or None
     cfg = TrainConfig(preset=variant["preset"], num_layers=layers, frames=variant["frames"],
                       precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
+                      compile=variant["compile"],
                       attention_backend=variant["attention_backend"], steps=10**9, ema_start_step=None,
                       seed=measure["seed"])
     if device.type == "cuda":
@@ -91,6 +92,7 @@ TRAIN_STEP = register(Benchmark(
         "precision": FieldSpec(str, "bf16", choices=PRECISIONS, help="training precision of the block linears"),
         "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
         "gradient_checkpointing": FieldSpec(bool, True, help="recompute each block in backward"),
+        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)"),
         "attention_backend": FieldSpec(str, "auto", choices=["auto", "dense", "flex"],
                                        help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
     },
