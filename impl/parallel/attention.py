@@ -32,8 +32,10 @@ class FlexMasked:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         s = 2 * layout.num_frames * tokens_per_frame
+        # _compile: evaluate the mask tile by tile instead of materialising S x S intermediates
+        # (tens of GB at training lengths).
         self.block_mask = create_block_mask(mask_mod(layout, tokens_per_frame, device), B=None, H=None,
-                                            Q_LEN=s, KV_LEN=s, device=device)
+                                            Q_LEN=s, KV_LEN=s, device=device, _compile=device.type == "cuda")
         self._attend = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
