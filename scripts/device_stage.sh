@@ -25,6 +25,7 @@ case $stage in
   infer)    run experiments/inference_speed.yaml "$@" ;;
   train)    python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tee "$OUT/tests_train_gpu.log" | tail -3
             run experiments/train_step.yaml "$@" ;;
+  trainbench) run experiments/train_step.yaml "$@" ;;
   vae)      run experiments/vae_decode.yaml "$@" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
