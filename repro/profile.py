@@ -3,9 +3,9 @@
 Builds the model like the ``inference_speed`` benchmark (random weights at the preset's size),
 generates ``--warmup-blocks`` blocks, then profiles the next block's DiT work (denoising
 steps + re-cache) with ``torch.profiler``. GPU kernel time is grouped into phases (GEMM,
-attention, NVFP4/FP8 quantization, norms and elementwise, copies, other); the gap between the
-block's wall time and the summed kernel time is reported as idle (launch overhead, host
-syncs). Prints a table and writes the full summary as JSON.
+attention, convolution, NVFP4/FP8 quantization, norms and elementwise, copies, other); the
+gap between the block's wall time and the summed kernel time is reported as idle (launch
+overhead, host syncs). Prints a table and writes the full summary as JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ import time
 from pathlib import Path
 
 PHASES = [  # first match wins; matched against lower-case kernel names
+    # Convolutions (the VAE; the DiT's patch embedding): cuDNN/CUTLASS fprop/dgrad/wgrad and
+    # implicit-GEMM kernels, cuDNN's NCHW<->NHWC layout transforms, CPU aten conv ops. Never
+    # an attention kernel (cuDNN SDPA kernels say "cudnn" and "fprop" too), one of inductor's
+    # fused "triton_..._convolution" elementwise kernels, nor a "convert".
+    ("conv", re.compile(r"^(?!triton)(?!.*(sdpa|flash|fmha|attention|scaled_dot_product))"
+                        r".*(conv(?!ert)|cudnn|fprop|dgrad|wgrad|implicit_gemm|winograd|im2col|vol2col"
+                        r"|nchwtonhwc|nhwctonchw)")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn|scaled_dot_product")),
     ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|_mm_|matmul|wo_mm|splitk|^aten::(addmm|mm|bmm|linear)$")),
     ("quantize", re.compile(r"nvfp4|quant|fp8|e4m3|scaled")),
@@ -31,6 +38,33 @@ def phase_of(kernel: str) -> str:
         if pattern.search(name):
             return phase
     return "other"
+
+
+def kernel_times_ms(prof, device_type: str) -> dict[str, float]:
+    """Kernel name -> total ms from a finished ``torch.profiler.profile``.
+
+    GPU (``device_type`` "cuda"): self time of device kernels. CPU: self time of aten ops
+    (the "kernels" there).
+    """
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if device_type == "cuda":
+            us = getattr(ev, "self_device_time_total", None)
+            us = getattr(ev, "self_cuda_time_total", 0.0) if us is None else us
+            keep = str(getattr(ev, "device_type", "")).endswith("CUDA")
+        else:
+            us, keep = ev.self_cpu_time_total, ev.key.startswith("aten::")
+        if keep and us:
+            kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 1e3
+    return kernels
+
+
+def phase_times_ms(kernels: dict[str, float]) -> dict[str, float]:
+    """Sum :func:`kernel_times_ms` per :func:`phase_of` phase (phases with no kernel left out)."""
+    phases: dict[str, float] = {}
+    for name, ms in kernels.items():
+        phases[phase_of(name)] = phases.get(phase_of(name), 0.0) + ms
+    return phases
 
 
 def _commit(given: str | None) -> str:
@@ -94,20 +128,8 @@ def run(args: argparse.Namespace) -> dict:
     prof.__exit__(None, None, None)
     block_ms = dit_ms[args.warmup_blocks]
 
-    # GPU: self time of device kernels. CPU: self time of aten ops (the "kernels" there).
-    kernels: dict[str, float] = {}
-    for ev in prof.key_averages():
-        if device.type == "cuda":
-            us = getattr(ev, "self_device_time_total", None)
-            us = getattr(ev, "self_cuda_time_total", 0.0) if us is None else us
-            keep = str(getattr(ev, "device_type", "")).endswith("CUDA")
-        else:
-            us, keep = ev.self_cpu_time_total, ev.key.startswith("aten::")
-        if keep and us:
-            kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 1e3
-    phases: dict[str, float] = {}
-    for name, ms in kernels.items():
-        phases[phase_of(name)] = phases.get(phase_of(name), 0.0) + ms
+    kernels = kernel_times_ms(prof, device.type)
+    phases = phase_times_ms(kernels)
     busy = sum(phases.values())
     phases["idle_or_host"] = max(0.0, block_ms - busy)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]

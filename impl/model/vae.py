@@ -31,6 +31,7 @@ __all__ = [
     "encode_video",
     "StreamingDecoder",
     "raw_frames_for_latents",
+    "vae_to_channels_last",
 ]
 
 
@@ -169,6 +170,29 @@ def _count_causal_convs(vae: AutoencoderKLWan) -> int:
     return sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
 
 
+def vae_to_channels_last(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """Put the decode path's conv weights in channels-last layout, in place; returns ``vae``.
+
+    Mutates the module (every user of it, e.g. other decoders sharing it or ``vae.decode``,
+    sees the new layout): the 5-D ``Conv3d`` weights of ``vae.decoder`` and
+    ``vae.post_quant_conv`` become ``torch.channels_last_3d``, and the decoder's 4-D ``Conv2d``
+    weights (per-frame spatial upsampling, mid-block attention 1x1 convs, which get
+    channels-last inputs once the activations are) ``torch.channels_last``. Parameters stay
+    the same ``Parameter`` objects; other parameters and the encoder are untouched
+    (``nn.Module.to(memory_format=)`` cannot be used: it fails on parameters of other ranks).
+    Idempotent. Only strides change, so decoding results are numerically equivalent, up to
+    floating-point reassociation (the conv kernels picked for a layout may sum in another order).
+    """
+    with torch.no_grad():
+        for module in (*vae.post_quant_conv.modules(), *vae.decoder.modules()):
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                weight = module.weight
+                fmt = torch.channels_last_3d if weight.dim() == 5 else torch.channels_last
+                if not weight.is_contiguous(memory_format=fmt):
+                    weight.data = weight.data.contiguous(memory_format=fmt)
+    return vae
+
+
 class StreamingDecoder:
     """Decode latent blocks one after another, carrying the causal-conv cache across calls.
 
@@ -181,10 +205,20 @@ class StreamingDecoder:
     The first block of a stream yields 1 + 4 (F - 1) frames, later blocks 4 F frames.
     One decoder is one stream and is not itself thread-safe; if ``decode_block`` raises
     part-way, the cache is partly advanced, so call :meth:`reset` before reusing it.
+
+    ``channels_last=True`` runs the decoder in channels-last (NDHWC) layout, which cuDNN's
+    conv kernels prefer: it converts the VAE's decoder weights in place with
+    :func:`vae_to_channels_last` (this mutates the shared module) and feeds each latent frame
+    as ``torch.channels_last_3d``. Frames are still returned contiguous; they equal the
+    default layout's (and ``vae.decode``'s) up to floating-point reassociation, not bit for
+    bit, while the block-cutting invariance above holds bit for bit within either layout.
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan, *, channels_last: bool = False) -> None:
         self.vae = vae
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            vae_to_channels_last(vae)
         self._num_convs = _count_causal_convs(vae)
         self.reset()
 
@@ -221,7 +255,10 @@ class StreamingDecoder:
         # independent of how the stream is cut into blocks, bit for bit.
         outs = []
         for i in range(z.shape[2]):
-            x = vae.post_quant_conv(z[:, :, i:i + 1])
+            x = z[:, :, i:i + 1]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = vae.post_quant_conv(x)
             out = vae.decoder(x, feat_cache=self._feat_cache, feat_idx=[0],
                               first_chunk=self._first_chunk)
             self._first_chunk = False
@@ -229,6 +266,8 @@ class StreamingDecoder:
         out = torch.cat(outs, dim=2)
         if vae.config.patch_size is not None:
             out = unpatchify(out, patch_size=vae.config.patch_size)
+        if self.channels_last:
+            out = out.contiguous()  # no-op after unpatchify; needed without patchify
         out = torch.clamp(out, min=-1.0, max=1.0)
         self._shape = shape
         self.latents_decoded += latents.shape[2]
