@@ -7,7 +7,7 @@ from impl.config import ConfigError, get_preset
 from impl.parallel.groups import ParallelConfigError, build_groups
 from impl.train.checkpoint import list_checkpoints
 from impl.train.config import ErrorRecyclingConfig, TrainConfig
-from impl.train.data import ShardedSampler, SyntheticLatentSource
+from impl.train.data import SyntheticLatentSource
 from impl.train.flow import FlowSchedule, shared_generator
 from impl.train.teacher_forcing import TFInputs, teacher_forcing_loss
 from impl.train.trainer import Trainer

@@ -11,6 +11,7 @@ exactly where the interrupted one would have been.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -49,7 +50,6 @@ def build_training_model(cfg: TrainConfig, preset: Preset, device: torch.device)
     """The DiT in the run's precision (quantized block linears keep BF16 master weights)."""
     dit_cfg = preset.dit
     if cfg.num_layers is not None:
-        import dataclasses
         dit_cfg = dataclasses.replace(dit_cfg, num_layers=cfg.num_layers)
     torch.manual_seed(cfg.seed)
     model = CausalWanDiT(dit_cfg, device=device, dtype=model_dtype(cfg.precision))
@@ -102,7 +102,7 @@ class Trainer:
         self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.ema: EMA | None = None
-        self.recycler = ErrorRecycler(cfg.error_recycling, self.schedule.num_timesteps, fpb) \
+        self.recycler = ErrorRecycler(cfg.error_recycling, self.schedule.num_timesteps, fpb, cfg.seed) \
             if cfg.error_recycling.enabled else None
         self.encoders = encoders
         self.out_dir = Path(out_dir) if out_dir is not None else None
