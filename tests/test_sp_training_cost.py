@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from impl.config import DiTConfig, get_preset
+from impl.parallel.layout import TeacherForcingLayout, dense_mask
 from repro.benchmarks import sp_training_cost as sc
 from repro.spec import load_spec
 
@@ -39,26 +40,13 @@ def _brute_force_mask(n_blocks: int, block_tokens: int) -> np.ndarray:
     return clean_q | noisy_q
 
 
-def test_mask_pairs_and_density_match_brute_force():
-    for n_blocks, bt in [(1, 3), (4, 5), (7, 2)]:
-        m = _brute_force_mask(n_blocks, bt)
-        assert m.sum() == sc.tf_mask_pairs(n_blocks, bt)
-        assert m.mean() == pytest.approx(sc.mask_density(n_blocks))
-    assert sc.mask_density(12) == pytest.approx(0.2708, abs=1e-4)   # 96 frames, code study 3.2
-
-
-def test_mask_pairs_match_the_implementation_layouts():
-    layout_mod = pytest.importorskip("impl.parallel.layout")
-    for kind in ("balanced", "naive"):
-        for sp in (1, 2, 4):
-            lay = layout_mod.TeacherForcingLayout(num_frames=16, frames_per_block=2, sp_size=sp, kind=kind)
-            assert int(layout_mod.dense_mask(lay, 3).sum()) == sc.tf_mask_pairs(8, 2 * 3)
-            ours = sc.rank_frames(16, sp, kind)
-            for r in range(sp):
-                hc, hn, a, b = ours[r]
-                expect = [(c, f) for c, ok in ((layout_mod.CLEAN, hc), (layout_mod.NOISY, hn)) if ok
-                          for f in range(a, b)]
-                assert lay.rank_frames(r) == expect
+def test_mask_pairs_match_brute_force_and_the_layout_mask():
+    for n_blocks, fpb, t in [(1, 1, 3), (4, 1, 5), (4, 2, 3), (7, 1, 2)]:
+        expect = int(_brute_force_mask(n_blocks, fpb * t).sum())
+        for kind, sp in [("balanced", 1), ("naive", 1), ("balanced", n_blocks), ("naive", 2)]:
+            lay = TeacherForcingLayout(n_blocks * fpb, fpb, sp, kind)
+            assert sc.mask_pairs(lay, t) == expect == int(dense_mask(lay, t).sum())
+    assert _run(frames=96, sp_size=4)["mask_density"] == pytest.approx(0.2708, abs=1e-4)  # code study 3.2
 
 
 def test_tokens_and_attention_flops_match_brute_force():
@@ -74,19 +62,10 @@ def test_tokens_and_attention_flops_match_brute_force():
             per_layer = (4 * d.head_dim * (d.num_heads // sp) * mask.sum()
                          + 4 * d.head_dim * d.num_heads * m["tokens_per_rank"] * p.text.max_length)
             assert m["attn_tflop_per_rank"] * 1e12 == pytest.approx(4 * d.num_layers * per_layer)
-            # Per-rank frames cover each (copy, frame) of the clip exactly once.
-            held = [(c, f) for hc, hn, a, b in sc.rank_frames(frames, sp, layout)
-                    for c, ok in (("clean", hc), ("noisy", hn)) if ok for f in range(a, b)]
-            assert sorted(held) == sorted((c, f) for c in ("clean", "noisy") for f in range(frames))
-            assert len(held) * t == m["tokens_per_rank"] * sp
-
-
-def test_naive_ranks_hold_one_copy_balanced_both():
-    bal = sc.rank_frames(96, 4, "balanced")
-    assert all(hc and hn for hc, hn, _, _ in bal) and [(a, b) for *_, a, b in bal] == [(0, 24), (24, 48), (48, 72), (72, 96)]
-    naive = sc.rank_frames(96, 4, "naive")
-    assert [(hc, hn, a, b) for hc, hn, a, b in naive] == [
-        (True, False, 0, 48), (True, False, 48, 96), (False, True, 0, 48), (False, True, 48, 96)]
+            assert m["mask_density"] == pytest.approx(mask.mean())
+            # Every rank holds tokens_per_rank tokens of the implementation's layout.
+            lay = TeacherForcingLayout(frames, fpb, sp, layout)
+            assert all(len(lay.rank_frames(r)) * t == m["tokens_per_rank"] for r in range(sp))
 
 
 def test_balanced_and_naive_have_equal_dit_cost():
@@ -97,18 +76,14 @@ def test_balanced_and_naive_have_equal_dit_cost():
             assert bal[k] == naive[k], k
 
 
-def test_balanced_window_table_f96_sp4():
-    assert sc.balanced_windows(96, 4, 28) == [(0, 93), (0, 189), (76, 285), (172, 381)]
+def test_balanced_vae_windows_f96_sp4():
+    # Raw windows [0, 93), [0, 189), [76, 285), [172, 381) (impl.parallel.vae_encode.window_table).
     m = _run(frames=96, sp_size=4, sp_layout="balanced", halo=28)
     assert m["vae_raw_frames_max_rank"] == 209
     assert m["vae_raw_frames_total"] == 93 + 189 + 209 + 209
     hw3 = 704 * 1280 * 3
     assert m["comm_data_bytes_root"] == (189 + 209 + 209) * hw3       # uint8 windows of ranks 1..3
     assert m["vae_encode_tflop_max_rank"] * 1e12 == pytest.approx(sc.vae_window_flops("wan22_ti2v_5b", 209))
-    # Cross-check with the implementation's window arithmetic where it exists.
-    vae_encode = pytest.importorskip("impl.parallel.vae_encode")
-    table = vae_encode.window_table(96, 4, 28)
-    assert [(w.raw_start, w.raw_stop) for w in table] == sc.balanced_windows(96, 4, 28)
 
 
 def test_naive_vae_critical_path_is_the_full_clip():

@@ -7,23 +7,28 @@ S = 2L (the teacher-forcing sequence [clean copy of all F frames ; noisy copy]),
 ``frames_per_block`` (8) frames, n_b = F/8 blocks, sp SP ranks, n = S/sp tokens per rank,
 d width, f FFN width, H heads of size h_d, N layers, T_x = 512 text tokens per prompt.
 
-Mask (teacher forcing): clean query of block b sees clean keys of blocks <= b; noisy query
-of block b sees clean keys of blocks < b and noisy keys of block b. Allowed (q, k) pairs
-= (bT)^2 n_b (n_b + 1) with bT = 8T, density over the dense S^2 matrix = (1 + 1/n_b)/4.
+Mask (teacher forcing, ``impl.parallel.layout.visible``): clean query of block b sees clean
+keys of blocks <= b; noisy query of block b sees clean keys of blocks < b and noisy keys of
+block b. Allowed (q, k) pairs = (bT)^2 n_b (n_b + 1) with bT = 8T (:func:`mask_pairs`, exact;
+the tests count ``impl.parallel.layout.dense_mask`` against it), density over the dense S^2
+matrix = (1 + 1/n_b)/4 (``impl.parallel.layout.attention_density``).
 
-Layouts (``impl.parallel.layout``, ``impl.parallel.vae_encode``; :func:`rank_frames` and
-:func:`balanced_windows` restate them and the tests check them against those modules):
+Layouts: which (copy, frame) pairs each rank holds is ``impl.parallel.layout.TeacherForcingLayout``
+(n = local_len x T tokens per rank); the balanced VAE windows are
+``impl.parallel.vae_encode.window_table``. This module only adds the costs:
 - balanced: rank r holds the clean AND noisy copies of latent frames [rF/sp, (r+1)F/sp).
   The SP root sends each other rank its raw-frame window as uint8 (H*W*3 bytes per frame) and
   every rank VAE-encodes only its window: latents [a, b) plus a halo of h latents,
   a' = max(0, a-h); raw frames [0, 1+4(b-1)) if a' = 0 else [4(a'-1), 1+4(b-1)).
 - naive: the [clean; noisy] sequence is cut into sp equal contiguous parts (ranks r < sp/2
   clean only, the rest noisy only; sp must be 1 or even). The root encodes the whole clip
-  (1+4(F-1) raw frames) and sends every other rank the latents of its 2F/sp frames
-  (z_dim x h_lat x w_lat BF16 per latent frame), so the root's full encode is on the
-  critical path. sp = 1 is the same as balanced. (``impl``'s naive layout also accepts odd
-  sp when 2F splits into whole blocks; this model keeps to the even case, and requires
-  frames % (sp * 8) == 0 for both layouts so every variant has its counterpart.)
+  (1+4(F-1) raw frames) and sends every other rank the latents of the frames it needs
+  (``needed_frames``: its 2F/sp frames; z_dim x h_lat x w_lat BF16 per latent frame), so the
+  root's full encode is on the critical path. sp = 1 is the same as balanced. (``impl``'s
+  naive layout also accepts odd sp when 2F splits into whole blocks, with one rank holding
+  both copies; this model keeps to the even case, where every rank holds one copy, and
+  requires the balanced layout's frames % (sp * 8) == 0 for both layouts so every variant has
+  its counterpart.)
 Both layouts run identical Ulysses self-attention: q, k, v all-to-all (sequence split ->
 head split, each rank attends the full S for H/sp heads) and the output back.
 
@@ -89,9 +94,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from impl.config import PRESETS, Preset, get_preset
+from impl.parallel.groups import ParallelConfigError
+from impl.parallel.layout import LAYOUTS, TeacherForcingLayout, attention_density
+from impl.parallel.vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
 
-LAYOUTS = ("balanced", "naive")
 BF16 = 2  # bytes per element
 
 # Per-token bytes of one layer's saved activations (see the module docstring).
@@ -110,40 +117,19 @@ TEXT_EMBED_BYTES_D = 6     # per text token per prompt group (+ 2 d_text B)
 # ------------------------------------------------------------------ shapes and layouts
 
 
-def tf_mask_pairs(n_blocks: int, block_tokens: int) -> int:
-    """Allowed (query, key) pairs of the teacher-forcing mask over [clean; noisy]."""
-    return block_tokens * block_tokens * n_blocks * (n_blocks + 1)
+def make_layout(preset: Preset, frames: int, sp: int, kind: str) -> TeacherForcingLayout:
+    """The implementation's teacher-forcing SP layout for ``frames`` latent frames."""
+    return TeacherForcingLayout(num_frames=frames, frames_per_block=preset.stream.frames_per_block,
+                                sp_size=sp, kind=kind)
 
 
-def mask_density(n_blocks: int) -> float:
-    """Fraction of the dense (2L)^2 matrix the teacher-forcing mask allows: (1 + 1/n_b)/4."""
-    return (1.0 + 1.0 / n_blocks) / 4.0
-
-
-def latent_range_to_raw_window(a: int, b: int, halo: int, temporal_factor: int = 4) -> tuple[int, int]:
-    """Raw-frame window [start, end) a rank encodes to obtain latents [a, b) with ``halo``."""
-    if not 0 <= a < b:
-        raise ValueError(f"latent range [{a}, {b}) must be non-empty and start at >= 0")
-    t = temporal_factor
-    start = max(0, a - halo)
-    end = 1 + t * (b - 1)
-    return (0, end) if start == 0 else (t * (start - 1), end)
-
-
-def balanced_windows(frames: int, sp: int, halo: int, temporal_factor: int = 4) -> list[tuple[int, int]]:
-    """Per-rank raw windows of the balanced layout (rank r keeps [rF/sp, (r+1)F/sp))."""
-    loc = frames // sp
-    return [latent_range_to_raw_window(r * loc, (r + 1) * loc, halo, temporal_factor) for r in range(sp)]
-
-
-def rank_frames(frames: int, sp: int, layout: str) -> list[tuple[bool, bool, int, int]]:
-    """Per rank: (has_clean, has_noisy, first latent frame, end latent frame)."""
-    if layout == "balanced" or sp == 1:
-        loc = frames // sp
-        return [(True, True, r * loc, (r + 1) * loc) for r in range(sp)]
-    half = sp // 2
-    loc = 2 * frames // sp
-    return [(r < half, r >= half, (r % half) * loc, (r % half + 1) * loc) for r in range(sp)]
+def mask_pairs(layout: TeacherForcingLayout, tokens_per_frame: int) -> int:
+    """Allowed (query, key) token pairs of the layout's teacher-forcing mask, exactly:
+    (bT)^2 n_b (n_b + 1) with bT = frames_per_block x tokens_per_frame. The same in every layout
+    (only the token order differs); the tests count ``impl.parallel.layout.dense_mask`` against it
+    (closed form: building the mask here would cost ~0.1 s per variant)."""
+    bt = layout.frames_per_block * tokens_per_frame
+    return bt * bt * layout.num_blocks * (layout.num_blocks + 1)
 
 
 # ------------------------------------------------------------------ VAE encode FLOPs
@@ -203,15 +189,19 @@ def check_variant(variant: dict[str, Any]) -> None:
     if heads % sp:
         raise ValueError(f"sp_size: Ulysses splits the {heads} attention heads over the SP ranks, so "
                          f"sp_size must divide {heads}; got {sp}")
-    if frames < 1 or frames % (sp * fpb):
+    try:  # both layouts are held to the balanced split: whole blocks per rank
+        make_layout(preset, frames, sp, "balanced")
+    except ParallelConfigError as err:
         raise ValueError(f"frames: must be a positive multiple of sp_size * frames_per_block = "
                          f"{sp} * {fpb} = {sp * fpb} so every rank holds whole {fpb}-frame blocks; "
-                         f"got {frames}")
+                         f"got {frames}") from err
     if layout not in LAYOUTS:
         raise ValueError(f"sp_layout: must be one of {list(LAYOUTS)}, got {layout!r}")
-    if layout == "naive" and sp > 1 and sp % 2:
-        raise ValueError(f"sp_layout: naive cuts [clean; noisy] into sp_size equal parts at the "
-                         f"clean/noisy boundary, so sp_size must be 1 or even; got {sp}")
+    if layout == "naive" and sp > 1:
+        naive = make_layout(preset, frames, sp, "naive")
+        if any(len({c for c, _ in naive.rank_frames(r)}) > 1 for r in range(sp)):  # iff sp is odd
+            raise ValueError(f"sp_layout: naive cuts [clean; noisy] into sp_size equal parts at the "
+                             f"clean/noisy boundary, so sp_size must be 1 or even; got {sp}")
     if variant.get("halo", 0) < 0:
         raise ValueError(f"halo: must be >= 0 latents, got {variant.get('halo')}")
 
@@ -235,16 +225,16 @@ def training_cost(preset_name: str, frames: int, sp_size: int, sp_layout: str, *
     text_tokens = p.text.max_length
     t_frame = p.tokens_per_frame
     fpb = p.stream.frames_per_block
-    n_blocks = frames // fpb
     sp = sp_size
+    layout = make_layout(p, frames, sp, sp_layout)
     seq = 2 * frames * t_frame
-    n = seq // sp
+    n = layout.local_len * t_frame
     patch = dit.in_channels * dit.patch_size[0] * dit.patch_size[1] * dit.patch_size[2]
-    groups = n // (fpb * t_frame)          # prompt groups: one per local block and copy
+    groups = layout.local_len // fpb       # prompt groups: one per local block and copy
 
     # ---- FLOPs per rank (forward), then x4 (blocks) / x3 (outside the blocks)
-    density = mask_density(n_blocks)
-    pairs = tf_mask_pairs(n_blocks, fpb * t_frame)
+    density = attention_density(layout)
+    pairs = mask_pairs(layout, t_frame)
     gemm_block_fwd = layers * (8 * n * d * d + 4 * n * d * d + 4 * n * d * f)
     attn_fwd = layers * (4 * hd * (heads // sp) * pairs + 4 * hd * heads * n * text_tokens)
     outer_fwd = (layers * 4 * groups * text_tokens * d * d                   # text k, v
@@ -258,12 +248,11 @@ def training_cost(preset_name: str, frames: int, sp_size: int, sp_layout: str, *
     lh, lw = p.latent_hw
     latent_bytes = p.vae.z_dim * lh * lw * BF16                           # one latent frame, BF16
     if sp_layout == "balanced" or sp == 1:
-        windows = balanced_windows(frames, sp, halo, p.vae.temporal_factor)
-        raw = [e - s for s, e in windows]
+        raw = [w.raw_frames for w in window_table(frames, sp, halo, p.vae.temporal_factor)]
         data_root = sum(raw[1:]) * frame_bytes
     else:
         raw = [p.raw_frames(frames)] + [0] * (sp - 1)
-        data_root = (sp - 1) * (2 * frames // sp) * latent_bytes
+        data_root = sum(len(layout.needed_frames(r)) for r in range(1, sp)) * latent_bytes
     vae_flops = [vae_window_flops(preset_name, r) for r in raw]
 
     # ---- communication: Ulysses all-to-alls (fwd, recompute, bwd) + root data
@@ -317,7 +306,7 @@ def run_sp_training_cost(variant: dict[str, Any], measure: dict[str, Any], hardw
     if variant["sp_layout"] == "naive" or sp == 1:
         metrics["est_speedup_vs_naive"] = 1.0
     elif sp % 2:
-        metrics["est_speedup_vs_naive"] = None  # no naive layout for an odd SP size
+        metrics["est_speedup_vs_naive"] = None  # no naive layout for an odd SP size (check_variant)
     else:
         metrics["est_speedup_vs_naive"] = training_cost(*args, "naive", **kw)["est_step_s"] / metrics["est_step_s"]
     return metrics
