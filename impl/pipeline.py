@@ -29,7 +29,7 @@ from impl.model.attention import TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.quant.config import check_kv_storage
-from impl.sampling import make_sampler
+from impl.sampling import make_sampler, official_sigmas
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in diffusers
     from impl.vae_decode import DecodedBlock
@@ -149,6 +149,71 @@ class StreamingPipeline:
             return uncond + cfg_scale * (cond - uncond)
         return out.float()
 
+    def _block_positions(self, block: int, shot: int) -> torch.Tensor:
+        """Temporal RoPE positions of a block's frames: absolute index plus the shot offset."""
+        s = self.stream
+        return torch.arange(s.frames_per_block) + block * s.frames_per_block + shot * s.shot_rope_offset
+
+    def _denoise_block(self, x: torch.Tensor, ctx: TextContext, pos: torch.Tensor, cache: KVCache,
+                       plan: BlockPlan, cfg_scale: float, exit_step: int | None = None) -> torch.Tensor:
+        """Run the sampler over one block, then the clean re-cache pass.
+
+        ``exit_step`` (few-step distillation rollouts): stop at that step and return the
+        model's x0 prediction there, computed with autograd enabled (the earlier steps and the
+        re-cache pass never track gradients)."""
+        s = self.stream
+        sampler = make_sampler(s.sampler, s.steps, s.shift)
+        for i, t in enumerate(sampler.timesteps):
+            # Denoising steps only attend: later blocks see the re-cache pass's K/V.
+            if i == exit_step:
+                with torch.enable_grad():
+                    v = self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale)
+                    x0 = x - float(official_sigmas(s.steps, s.shift)[i]) * v
+                self._velocity(x0.detach(), 0.0, ctx, pos, cache, plan, cfg_scale)
+                return x0
+            x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale), t, x)
+        self._velocity(x, 0.0, ctx, pos, cache, plan, cfg_scale)  # re-cache clean K/V
+        return x
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], noise: torch.Tensor, exit_step: int | None) -> torch.Tensor:
+        """Generate latents [B, C, F, h, w] exactly like :meth:`generate` (same cache, sampler and
+        shots, no decode), stopping each block at ``exit_step`` with a differentiable x0
+        prediction (None: the full sampler, no gradients). Used by DMD distillation."""
+        s = self.stream
+        if exit_step is not None and not 0 <= exit_step < s.steps:
+            raise ValueError(f"exit_step: must be in [0, {s.steps}) or None, got {exit_step}")
+        fpb = s.frames_per_block
+        if noise.dim() != 5 or noise.shape[2] != len(prompts) * fpb:
+            raise ValueError(f"noise: expected [B, C, {len(prompts) * fpb}, h, w], got {tuple(noise.shape)}")
+        if s.guidance_scale > 1.0:
+            raise ValueError("rollout: the student runs without CFG (guidance_scale 1.0)")
+        batch = noise.shape[0]
+        cache = self.cache_for(batch)
+        out, shot = [], 0
+        for b, prompt in enumerate(prompts):
+            shot_start = b == 0 or prompt.startswith(s.scene_cut_prefix)
+            if shot_start and b > 0:
+                shot += 1
+            # Text K/V with autograd (not the cache's memo): LoRA on the cross-attention
+            # projections must see the generator loss's gradient too.
+            with torch.enable_grad():
+                ctx = self.model.encode_text(self.embed_text(prompt).to(self.device).expand(batch, -1, -1))
+            plan = cache.begin_block(b, shot_start=shot_start)
+            x = noise[:, :, b * fpb:(b + 1) * fpb].to(self.device, torch.float32)
+            out.append(self._denoise_block(x, ctx, self._block_positions(b, shot), cache, plan, 1.0, exit_step))
+        with torch.enable_grad():  # keep the exit steps' graphs through the concatenation
+            return torch.cat(out, dim=2)
+
+    def frame_positions(self, prompts: Sequence[str]) -> torch.Tensor:
+        """RoPE positions of every frame of a video with these block prompts (shots included)."""
+        s, shot, pos = self.stream, 0, []
+        for b, prompt in enumerate(prompts):
+            if b > 0 and prompt.startswith(s.scene_cut_prefix):
+                shot += 1
+            pos.append(self._block_positions(b, shot))
+        return torch.cat(pos)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, seed: int = 0, noise: torch.Tensor | None = None,
                  negative_prompt: str = "", decode: bool = True, video_path: str | Path | None = None,
@@ -214,13 +279,9 @@ class StreamingPipeline:
                     shot += 1
                 ctx = self._context(cache, prompt, batch, negative)
                 plan = cache.begin_block(b, shot_start=shot_start)
-                pos = torch.arange(s.frames_per_block) + b * s.frames_per_block + shot * s.shot_rope_offset
+                pos = self._block_positions(b, shot)
                 x = noise[:, :, b * s.frames_per_block:(b + 1) * s.frames_per_block].to(self.device, latent_dtype)
-                sampler = make_sampler(s.sampler, s.steps, s.shift)
-                for t in sampler.timesteps:
-                    # Denoising steps only attend: later blocks see the re-cache pass's K/V.
-                    x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale), t, x)
-                self._velocity(x, 0.0, ctx, pos, cache, plan, cfg_scale)  # re-cache clean K/V
+                x = self._denoise_block(x, ctx, pos, cache, plan, cfg_scale)
                 t1 = timer.mark()
                 if decoder is not None:
                     decoder.submit(x)  # sync: decodes now; async: waits only for a queue slot

@@ -38,6 +38,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder")
     ap.add_argument("--dit", default=None, help="DiT checkpoint (file or folder) overriding --weights")
+    ap.add_argument("--lora", default=None, help="few-step LoRA file (impl.train.lora) applied to the DiT; "
+                    "merged into the base weights before any --quant")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: preset's)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; 1.0 disables CFG")
     ap.add_argument("--seed", type=int, default=0)
@@ -75,6 +77,11 @@ def run(args: argparse.Namespace) -> Path:
     dit_source = args.dit or args.weights
     if dit_source:
         load_dit_weights(model, dit_source)
+    if args.lora:
+        from impl.train.lora import load_lora, merge_and_unload
+        load_lora(model, args.lora)        # checks the base-model hash
+        if args.quant != "bf16":
+            merge_and_unload(model)        # quantize the merged weights, never the base alone
     if args.quant != "bf16":
         quantize_model(model, QuantConfig.for_inference(args.quant))  # after loading: merged weights
     if args.weights:

@@ -89,8 +89,19 @@ class Attention(nn.Module):
                 raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")
             if mask is not None:
                 raise ValueError("Attention.forward_self: the KV-cache path takes no mask")
-            cache.write(layer, plan, k, v)
-            k, v = cache.read(layer, plan)
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                # A differentiable forward (DMD rollout exit steps): the cache stores detached
+                # K/V and never joins the graph; the history is read without gradient and the
+                # current block's live K/V are spliced in (a new tensor, so later in-place
+                # cache writes cannot invalidate what backward saved).
+                cache.write(layer, plan, k.detach(), v.detach())
+                kc, vc = cache.read(layer, plan)
+                lo, hi = plan.write_range
+                k = torch.cat([kc[:, :, :lo], k, kc[:, :, hi:]], dim=2)
+                v = torch.cat([vc[:, :, :lo], v, vc[:, :, hi:]], dim=2)
+            else:
+                cache.write(layer, plan, k, v)
+                k, v = cache.read(layer, plan)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

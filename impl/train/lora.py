@@ -1,0 +1,378 @@
+"""Standalone LoRA weights for the few-step (DMD) generator, built on peft (code study §9.2).
+
+The release wraps every block linear (self-attn q/k/v/o, cross-attn q/k/v/o, FFN fc1/fc2:
+10 per block, 300 in the 5B model) with ``peft.LoraConfig(r=128, lora_alpha=128,
+lora_dropout=0)``; B starts at zero, so the wrapped model equals the base at step 0. Here:
+
+* :func:`add_lora` injects peft LoRA layers into our own model class in place
+  (``peft.inject_adapter_in_model``; no ``PeftModel`` wrapper), freezes everything else;
+* :func:`lora_state_dict` / :func:`save_lora` / :func:`load_lora` move the LoRA tensors
+  alone through a safetensors file whose metadata records the spec, the number of training
+  steps and a fingerprint of the base weights it was trained on (:func:`base_fingerprint`);
+* :func:`merge_and_unload` folds ``W <- W + (alpha/r) B A`` into the base linears and puts
+  plain ``nn.Linear`` layers back (required before FP8 / NVFP4 quantization).
+
+File layout: tensor names ``<module>.lora_A.weight`` [r, in] and ``<module>.lora_B.weight``
+[out, r] (peft's names without the adapter name), metadata strings ``format``
+(:data:`FORMAT`), ``format_version``, ``rank``, ``alpha``, ``dropout``, ``target_modules``
+(JSON list), ``base_model_hash``, ``training_steps`` and any caller ``extra`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from impl.quant.apply import block_linear_names, merge_lora
+
+FORMAT = "longlive2-lora"
+FORMAT_VERSION = 1
+RESERVED_KEYS = ("format", "format_version", "rank", "alpha", "dropout", "target_modules",
+                 "base_model_hash", "training_steps")
+
+_LORA_KEY = re.compile(r"\.lora_[A-Za-z_]+\.")   # peft adapter tensors: lora_A, lora_B, lora_magnitude_vector, ...
+
+
+class LoraError(ValueError):
+    """A LoRA file or spec that does not fit the model (or is not a LoRA file at all)."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters. ``targets=None`` means every block linear of the model
+    (:func:`impl.quant.apply.block_linear_names`); otherwise exact module names."""
+
+    rank: int = 128
+    alpha: float = 128.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraError(f"LoraSpec: rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise LoraError(f"LoraSpec: alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoraSpec: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.targets is not None:
+            if isinstance(self.targets, str):
+                raise LoraError("LoraSpec: targets must be a sequence of module names, not a string")
+            targets = tuple(self.targets)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise LoraError(f"LoraSpec: targets must be non-empty module names, got {self.targets!r}")
+            if len(set(targets)) != len(targets):
+                raise LoraError("LoraSpec: targets contain duplicates")
+            object.__setattr__(self, "targets", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def resolve_targets(self, model: nn.Module) -> tuple[str, ...]:
+        """The target module names for ``model`` (which must not carry LoRA layers yet)."""
+        return tuple(self.targets) if self.targets is not None else tuple(block_linear_names(model))
+
+    def same_as(self, other: LoraSpec) -> bool:
+        """Equal rank, alpha and target set (dropout does not change the weights)."""
+        return (self.rank == other.rank and float(self.alpha) == float(other.alpha)
+                and set(self.targets or ()) == set(other.targets or ()))
+
+
+# ----------------------------------------------------------------------------- injection
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers of ``model`` by module name (the names of the wrapped linears)."""
+    return {n: m for n, m in model.named_modules() if _is_lora_layer(m)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def _adapter(layers: dict[str, nn.Module], adapter_name: str | None) -> str:
+    names = set()
+    for m in layers.values():
+        names.update(m.lora_A.keys())
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise LoraError(f"LoRA adapter {adapter_name!r} not in the model (adapters: {sorted(names)})")
+        return adapter_name
+    if len(names) != 1:
+        raise LoraError(f"the model holds several LoRA adapters {sorted(names)}; pass adapter_name")
+    return next(iter(names))
+
+
+def current_spec(model: nn.Module, adapter_name: str | None = None) -> LoraSpec | None:
+    """The spec of the LoRA injected in ``model`` (read from the layers), or None."""
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    a = _adapter(layers, adapter_name)
+    layers = {n: m for n, m in layers.items() if a in m.lora_A}
+    ranks = {m.r[a] for m in layers.values()}
+    alphas = {float(m.lora_alpha[a]) for m in layers.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise LoraError(f"LoRA adapter {a!r} has mixed ranks {sorted(ranks)} / alphas {sorted(alphas)}")
+    drop = next(iter(layers.values())).lora_dropout[a]
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    return LoraSpec(rank=ranks.pop(), alpha=alphas.pop(), dropout=p, targets=tuple(layers))
+
+
+def add_lora(model: nn.Module, spec: LoraSpec | None = None, adapter_name: str = "default") -> nn.Module:
+    """Inject LoRA (peft) into the target linears of ``model`` in place and return it.
+
+    B is zero-initialised (peft default), so outputs equal the base model's until training.
+    Every non-LoRA parameter is frozen; only ``lora_A`` / ``lora_B`` require grad. The LoRA
+    weights take the dtype and device of each base linear (fp32, fp64 and bf16 all work).
+    """
+    import peft
+
+    spec = spec or LoraSpec()
+    if has_lora(model):
+        raise LoraError("add_lora: the model already carries LoRA layers; merge_and_unload() first")
+    targets = spec.resolve_targets(model)
+    if not targets:
+        raise LoraError("add_lora: the model has no block linears to target (names starting with 'blocks.')")
+    modules = dict(model.named_modules())
+    missing = [t for t in targets if t not in modules]
+    if missing:
+        raise LoraError(f"add_lora: {len(missing)} target module(s) not in the model, e.g. {missing[:3]}")
+    wrong = [t for t in targets if not isinstance(modules[t], nn.Linear)]
+    if wrong:
+        raise LoraError(f"add_lora: targets must be nn.Linear; not: {wrong[:3]}")
+    cfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                          target_modules=list(targets), bias="none")
+    peft.inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
+    got = set(lora_layers(model))
+    if got != set(targets):  # peft matches by suffix: make sure nothing else was wrapped
+        raise LoraError(f"add_lora: peft wrapped {sorted(got ^ set(targets))[:3]} unexpectedly")
+    for name, p in model.named_parameters():
+        p.requires_grad_(_LORA_KEY.search("." + name) is not None)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA tensors only, named ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``
+    (detached views of the live parameters; the adapter name is not part of the names)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraError("lora_state_dict: the model carries no LoRA layers")
+    a = _adapter(layers, adapter_name)
+    out: dict[str, torch.Tensor] = {}
+    for name, m in layers.items():
+        if a in m.lora_A:
+            out[f"{name}.lora_A.weight"] = m.lora_A[a].weight.detach()
+            out[f"{name}.lora_B.weight"] = m.lora_B[a].weight.detach()
+    return out
+
+
+def expected_shapes(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """LoRA tensor name -> shape for ``spec`` on ``model`` (with or without LoRA injected)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for t in spec.resolve_targets(model):
+        m = modules.get(t)
+        base = m.base_layer if m is not None and _is_lora_layer(m) else m
+        if not isinstance(base, nn.Linear):
+            raise LoraError(f"target module {t!r} is missing in the model or is not a linear")
+        out[f"{t}.lora_A.weight"] = (spec.rank, base.in_features)
+        out[f"{t}.lora_B.weight"] = (base.out_features, spec.rank)
+    return out
+
+
+def _base_name(name: str) -> str | None:
+    """State-dict name as in the model without LoRA; None for LoRA tensors."""
+    if _LORA_KEY.search("." + name):
+        return None
+    return name.replace(".base_layer.", ".")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the base weights: every non-LoRA state-dict entry (parameters and
+    persistent buffers) by name, shape, dtype and all bytes, in name order.
+
+    Names are those of the plain model (peft's ``.base_layer`` is removed), so the value is
+    the same with or without LoRA injected, but changes once LoRA is merged. Cost: reading
+    every weight once (device tensors are copied to CPU one at a time): about a second per
+    few GB.
+    """
+    entries = {}
+    for name, t in model.state_dict().items():
+        base = _base_name(name)
+        if base is not None:
+            entries[base] = t
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        t = entries[name].detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        flat = t.to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_lora(path: str | os.PathLike, model: nn.Module, spec: LoraSpec | None = None, *, steps: int,
+              base_hash: str, extra: dict | None = None, adapter_name: str | None = None) -> Path:
+    """Write the LoRA tensors of ``model`` (in their own dtype) and metadata to a safetensors
+    file, atomically (temp file in the same folder, then ``os.replace``).
+
+    ``spec`` defaults to the spec read from the model's LoRA layers; a given ``spec`` must
+    agree with them. ``base_hash`` is :func:`base_fingerprint` of the base weights the LoRA
+    was trained on. ``extra`` values are stored as strings (non-strings JSON-encoded); its
+    keys may not shadow the reserved ones.
+    """
+    from safetensors.torch import save_file
+
+    have = current_spec(model, adapter_name)
+    if have is None:
+        raise LoraError("save_lora: the model carries no LoRA layers")
+    if spec is None:
+        spec = have
+    else:
+        resolved = LoraSpec(spec.rank, spec.alpha, spec.dropout, spec.targets or have.targets)
+        if not resolved.same_as(have):
+            raise LoraError(f"save_lora: spec (rank {spec.rank}, alpha {spec.alpha}, "
+                            f"{len(resolved.targets)} targets) differs from the model's LoRA (rank {have.rank}, "
+                            f"alpha {have.alpha}, {len(have.targets)} targets)")
+        spec = LoraSpec(spec.rank, spec.alpha, spec.dropout, have.targets)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise LoraError(f"save_lora: steps must be an integer >= 0, got {steps!r}")
+    if not isinstance(base_hash, str) or not base_hash:
+        raise LoraError("save_lora: base_hash must be a non-empty string (see base_fingerprint)")
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "rank": str(spec.rank),
+            "alpha": repr(float(spec.alpha)), "dropout": repr(float(spec.dropout)),
+            "target_modules": json.dumps(list(spec.targets)), "base_model_hash": base_hash,
+            "training_steps": str(steps)}
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str) or k in RESERVED_KEYS:
+            raise LoraError(f"save_lora: extra key {k!r} is reserved or not a string")
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_lora_metadata(path: str | os.PathLike) -> tuple[LoraSpec, dict[str, str]]:
+    """(spec, all metadata strings) of a LoRA file; :class:`LoraError` if it is not one."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad headers
+        raise LoraError(f"{path}: not a safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise LoraError(f"{path}: not a LoRA file of format {FORMAT!r} (metadata format="
+                        f"{meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise LoraError(f"{path}: LoRA format version {meta.get('format_version')!r} is not supported "
+                        f"(expected {FORMAT_VERSION})")
+    try:
+        targets = json.loads(meta["target_modules"])
+        spec = LoraSpec(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+                        dropout=float(meta.get("dropout", "0.0")), targets=tuple(targets))
+        int(meta["training_steps"])
+        meta["base_model_hash"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise LoraError(f"{path}: malformed LoRA metadata ({type(e).__name__}: {e})") from e
+    return spec, meta
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True,
+              adapter_name: str | None = None) -> LoraSpec:
+    """Load a LoRA file into ``model`` and return its spec.
+
+    If the model has no LoRA, it is injected with the file's spec (:func:`add_lora`; base
+    frozen); if it has, its spec must match. Checked before anything is changed: the target
+    modules exist, every tensor is present with the shape the model needs (strict: no
+    missing or unexpected tensors), and, unless ``check_base=False``, the base weights'
+    :func:`base_fingerprint` equals the one recorded in the file (costs one read of the
+    weights). ``adapter_name``: which adapter to load into when the model holds several;
+    a fresh injection is named ``"default"`` unless given.
+    """
+    from safetensors.torch import load_file
+
+    spec, meta = read_lora_metadata(path)
+    have = current_spec(model, adapter_name)
+    if have is not None and not spec.same_as(have):
+        raise LoraError(f"{path}: LoRA spec (rank {spec.rank}, alpha {spec.alpha}, {len(spec.targets)} targets) "
+                        f"differs from the LoRA already in the model (rank {have.rank}, alpha {have.alpha}, "
+                        f"{len(have.targets)} targets)")
+    modules = dict(model.named_modules())
+    missing_mods = [t for t in spec.targets if t not in modules]
+    if missing_mods:
+        raise LoraError(f"{path}: {len(missing_mods)} LoRA target module(s) are missing in the model, "
+                        f"e.g. {missing_mods[:3]} (LoRA for another architecture or depth?)")
+    want = expected_shapes(model, spec)
+    tensors = load_file(str(path))
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise LoraError(f"{path}: LoRA tensors do not match its target modules: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    bad = [(k, tuple(tensors[k].shape), want[k]) for k in want if tuple(tensors[k].shape) != want[k]]
+    if bad:
+        k, got, exp = bad[0]
+        raise LoraError(f"{path}: {len(bad)} LoRA tensor(s) have the wrong shape, e.g. {k}: file {got}, "
+                        f"model needs {exp} (LoRA trained for another model width?)")
+    if check_base:
+        ours = base_fingerprint(model)
+        if ours != meta["base_model_hash"]:
+            raise LoraError(f"{path}: base model hash mismatch: the LoRA was trained on base "
+                            f"{meta['base_model_hash'][:16]}..., this model's base is {ours[:16]}... "
+                            f"(pass check_base=False to load anyway)")
+    if have is None:
+        adapter_name = adapter_name or "default"
+        add_lora(model, spec, adapter_name=adapter_name)
+    live = lora_state_dict(model, adapter_name)
+    with torch.no_grad():
+        for k, dst in live.items():
+            dst.copy_(tensors[k])
+    return spec
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base linear (``W += (alpha/r) B A``, peft's
+    ``merge(safe_merge=True)``) and put the plain linear back; returns ``model``.
+
+    Uses :func:`impl.quant.apply.merge_lora`. Base parameters keep ``requires_grad=False``
+    (call ``model.requires_grad_(True)`` to train the merged model).
+    """
+    merge_lora(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model

@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from impl.config import get_preset
+from impl.model.dit import CausalWanDiT
+from impl.quant.apply import block_linear_names
+from impl.train.lora import (FORMAT, LoraError, LoraSpec, add_lora, base_fingerprint, load_lora,
+                             lora_state_dict, merge_and_unload, save_lora)
+
+DT = torch.float64
+RANK = 8
+
+
+def make_model(cfg=None, seed=0, dtype=DT):
+    torch.manual_seed(seed)
+    return CausalWanDiT(cfg or get_preset("tiny").dit, dtype=dtype)
+
+
+def inputs(cfg, seed=1, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g, dtype=dtype)
+    t = torch.rand(1, 2, generator=g, dtype=dtype) * 1000
+    text = torch.randn(1, 5, cfg.text_dim, generator=g, dtype=dtype)
+    return x, t, text
+
+
+def perturb(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_preset("tiny").dit
+
+
+def test_spec_validation():
+    assert LoraSpec() == LoraSpec(rank=128, alpha=128, dropout=0.0, targets=None)
+    with pytest.raises(LoraError, match="rank"):
+        LoraSpec(rank=0)
+    with pytest.raises(LoraError, match="alpha"):
+        LoraSpec(alpha=0)
+    with pytest.raises(LoraError, match="dropout"):
+        LoraSpec(dropout=1.0)
+
+
+def test_starts_as_identity_and_only_lora_trains(cfg):
+    model = make_model(cfg)
+    x, t, text = inputs(cfg)
+    with torch.no_grad():
+        base_out = model(x, t, text)
+    names = block_linear_names(model)
+    assert len(names) == 10 * cfg.num_layers
+    h0 = base_fingerprint(model)
+    add_lora(model, LoraSpec(rank=RANK, alpha=16))
+    assert base_fingerprint(model) == h0  # computed on the base weights
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text), base_out)
+    sd = lora_state_dict(model)
+    assert set(sd) == {f"{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == len(sd)
+    assert all(p.dtype == DT for p in sd.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_lora_other_dtypes(cfg, dtype):
+    model = make_model(cfg, dtype=dtype)
+    x, t, text = inputs(cfg, dtype=dtype)
+    with torch.no_grad():
+        ref = model(x, t, text)
+        add_lora(model, LoraSpec(rank=4, alpha=4))
+        assert torch.equal(model(x, t, text), ref)
+        perturb(model)
+    out = model(x, t, text)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert not torch.equal(out.detach(), ref)
+
+
+def test_merge_matches_unmerged(cfg):
+    model = make_model(cfg)
+    x, t, text = inputs(cfg)
+    add_lora(model, LoraSpec(rank=RANK, alpha=16))
+    perturb(model)
+    with torch.no_grad():
+        unmerged = model(x, t, text)
+    h_before = base_fingerprint(model)
+    assert merge_and_unload(model) is model
+    assert not any("lora_" in n or "base_layer" in n for n in model.state_dict())
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in block_linear_names(model))
+    assert base_fingerprint(model) != h_before
+    with torch.no_grad():
+        merged = model(x, t, text)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-10)
+
+
+def test_save_load_roundtrip(cfg, tmp_path):
+    model = make_model(cfg)
+    base_hash = base_fingerprint(model)
+    spec = LoraSpec(rank=RANK, alpha=16)
+    add_lora(model, spec)
+    perturb(model)
+    x, t, text = inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, text)
+    path = save_lora(tmp_path / "lora.safetensors", model, spec, steps=50, base_hash=base_hash,
+                     extra={"note": "test", "lr": 1e-5})
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]  # no temp file left
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == FORMAT and meta["rank"] == str(RANK) and meta["training_steps"] == "50"
+    assert meta["base_model_hash"] == base_hash and json.loads(meta["lr"]) == 1e-5
+    assert json.loads(meta["target_modules"]) == block_linear_names(make_model(cfg))
+
+    fresh = make_model(cfg)  # same seed -> same base weights
+    loaded = load_lora(fresh, path)
+    assert loaded.rank == RANK and loaded.alpha == 16
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, text), ref)
+    # loading again into the model that already has the LoRA works (spec matches)
+    load_lora(fresh, path)
+    with pytest.raises(LoraError, match="differs"):
+        other = make_model(cfg)
+        add_lora(other, LoraSpec(rank=4, alpha=16))
+        load_lora(other, path)
+
+
+def test_wrong_base_hash(cfg, tmp_path):
+    model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=RANK))
+    path = save_lora(tmp_path / "l.safetensors", model, steps=1, base_hash=base_fingerprint(model))
+    other = make_model(cfg, seed=5)
+    with pytest.raises(LoraError, match="base model hash mismatch"):
+        load_lora(other, path)
+    assert not any("lora_" in n for n in other.state_dict())  # nothing injected on failure
+    load_lora(other, path, check_base=False)
+    assert lora_state_dict(other)
+
+
+def test_lora_for_other_width(cfg, tmp_path):
+    narrow = get_preset("tiny").replace(dit={"dim": 32}).dit
+    model = add_lora(make_model(narrow), LoraSpec(rank=RANK, alpha=RANK))
+    path = save_lora(tmp_path / "n.safetensors", model, steps=1, base_hash=base_fingerprint(model))
+    with pytest.raises(LoraError, match="wrong shape.*another model width"):
+        load_lora(make_model(cfg), path)
+    deeper = get_preset("tiny").replace(dit={"num_layers": 3}).dit
+    model = add_lora(make_model(deeper), LoraSpec(rank=RANK, alpha=RANK))
+    path = save_lora(tmp_path / "d.safetensors", model, steps=1, base_hash="x")
+    with pytest.raises(LoraError, match="missing in the model"):
+        load_lora(make_model(cfg), path)
+
+
+def test_not_a_lora_file(cfg, tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(LoraError, match="not a LoRA file"):
+        load_lora(make_model(cfg), plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors at all")
+    with pytest.raises(LoraError, match="not a safetensors file"):
+        load_lora(make_model(cfg), junk)
