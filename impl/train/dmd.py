@@ -165,12 +165,12 @@ class DMDTrainer:
         loss_c = self.critic_loss(prompts, step)
         loss_c.backward()
         sync_gradients([p for p in self.critic.parameters() if p.requires_grad], self.groups)
-        stats["critic_loss"] = float(loss_c)
+        stats["critic_loss"] = float(loss_c.detach())
         stats["critic_grad_norm"] = self.opt_critic.step(self.cfg.grad_clip)
         if step % self.cfg.gen_update_every == 0:
             loss_g, extra = self.generator_loss(prompts, step)
             loss_g.backward()
             sync_gradients([p for p in self.student.parameters() if p.requires_grad], self.groups)
-            stats.update(extra, generator_loss=float(loss_g), generator_grad_norm=self.opt_student.step(self.cfg.grad_clip))
+            stats.update(extra, generator_loss=float(loss_g.detach()), generator_grad_norm=self.opt_student.step(self.cfg.grad_clip))
         self.step += 1
         return stats

@@ -207,7 +207,11 @@ def _base_name(name: str) -> str | None:
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the base weights: every non-LoRA state-dict entry (parameters and
-    persistent buffers) by name, shape, dtype and all bytes, in name order.
+    persistent buffers) by name, shape and values, in name order.
+
+    Floating-point values are hashed after rounding to bfloat16, so the same checkpoint
+    loaded in float32 (distillation) or bfloat16 (GPU inference) has one fingerprint, while
+    genuinely different weights still differ.
 
     Names are those of the plain model (peft's ``.base_layer`` is removed), so the value is
     the same with or without LoRA injected, but changes once LoRA is merged. Cost: reading
@@ -222,7 +226,9 @@ def base_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name in sorted(entries):
         t = entries[name].detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16)
+        h.update(f"{name}|{tuple(t.shape)}|{t.is_floating_point()}\n".encode())
         flat = t.to("cpu").contiguous().reshape(-1)
         if flat.numel():
             h.update(flat.view(torch.uint8).numpy().tobytes())
