@@ -128,3 +128,16 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
                            "--lora", str(out / "student_lora.safetensors"), "--steps", "2", "--quant", quant,
                            "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / f"{quant}.mp4")]) == 0
     assert distill(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_lora_fewstep_benchmark_runs_on_cpu():
+    from repro.benchmarks.lora_fewstep import LORA_FEWSTEP
+
+    measure = {**LORA_FEWSTEP.measure_defaults(), "ar_steps": 1, "distill_iters": 1, "videos": 1, "reference_steps": 4}
+    hw = {"device": "cpu"}
+    teacher = LORA_FEWSTEP.run({"preset": "tiny", "distilled": False, "steps": 4}, measure, hw)
+    assert teacher["q_psnr_vs_teacher"] == float("inf")   # the reference itself: same weights, steps, noise
+    student = LORA_FEWSTEP.run({"preset": "tiny", "distilled": True, "steps": 2}, measure, hw)
+    assert student["dit_fps"] > 0 and 0 < student["q_psnr_vs_teacher"] < float("inf") and student["distill_s"] > 0
+    with pytest.raises(ValueError, match="few-step"):
+        LORA_FEWSTEP.check_variant({"preset": "tiny", "distilled": True, "steps": 8})
