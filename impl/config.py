@@ -21,6 +21,15 @@ def _require(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def raw_frames_for_latents(num_latent_frames: int, temporal_factor: int = 4) -> int:
+    """Raw (pixel) frames of ``num_latent_frames`` latents of the causal VAE: ``1 + tf (F - 1)``
+    (latent 0 encodes raw frame 0 alone, every later latent ``tf`` frames)."""
+    for name, value in (("num_latent_frames", num_latent_frames), ("temporal_factor", temporal_factor)):
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                 f"must be an integer >= 1, got {value!r}")
+    return 1 + temporal_factor * (num_latent_frames - 1)
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -232,7 +241,7 @@ class Preset:
 
     def raw_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from ``latent_frames`` latents: 1 + 4 (F - 1)."""
-        return 1 + self.vae.temporal_factor * (latent_frames - 1)
+        return raw_frames_for_latents(latent_frames, self.vae.temporal_factor)
 
     def replace(self, **sections: Any) -> "Preset":
         """Return a copy with whole sections or section fields replaced.

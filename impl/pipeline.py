@@ -149,6 +149,16 @@ class StreamingPipeline:
             return uncond + cfg_scale * (cond - uncond)
         return out.float()
 
+    def _shots(self, prompts: Sequence[str]):
+        """(block, prompt, shot_start, shot index) per block: a block opens a new shot when it is
+        the first or its prompt starts with the scene-cut prefix."""
+        shot = 0
+        for b, prompt in enumerate(prompts):
+            shot_start = b == 0 or prompt.startswith(self.stream.scene_cut_prefix)
+            if shot_start and b > 0:
+                shot += 1
+            yield b, prompt, shot_start, shot
+
     def _block_positions(self, block: int, shot: int) -> torch.Tensor:
         """Temporal RoPE positions of a block's frames: absolute index plus the shot offset."""
         s = self.stream
@@ -190,11 +200,8 @@ class StreamingPipeline:
             raise ValueError("rollout: the student runs without CFG (guidance_scale 1.0)")
         batch = noise.shape[0]
         cache = self.cache_for(batch)
-        out, shot = [], 0
-        for b, prompt in enumerate(prompts):
-            shot_start = b == 0 or prompt.startswith(s.scene_cut_prefix)
-            if shot_start and b > 0:
-                shot += 1
+        out = []
+        for b, prompt, shot_start, shot in self._shots(prompts):
             # Text K/V with autograd (not the cache's memo): LoRA on the cross-attention
             # projections must see the generator loss's gradient too.
             with torch.enable_grad():
@@ -207,12 +214,7 @@ class StreamingPipeline:
 
     def frame_positions(self, prompts: Sequence[str]) -> torch.Tensor:
         """RoPE positions of every frame of a video with these block prompts (shots included)."""
-        s, shot, pos = self.stream, 0, []
-        for b, prompt in enumerate(prompts):
-            if b > 0 and prompt.startswith(s.scene_cut_prefix):
-                shot += 1
-            pos.append(self._block_positions(b, shot))
-        return torch.cat(pos)
+        return torch.cat([self._block_positions(b, shot) for b, _, _, shot in self._shots(prompts)])
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, seed: int = 0, noise: torch.Tensor | None = None,
@@ -259,7 +261,6 @@ class StreamingPipeline:
                 if on_block is not None:
                     on_block(timings[-1])
 
-        shot = 0
         with ExitStack() as stack:
             decoder = None
             if video_path is not None:
@@ -271,12 +272,9 @@ class StreamingPipeline:
                 decoder = stack.enter_context(make_block_decoder(
                     self.vae, s.vae_mode, device=s.vae_device, queue_depth=s.vae_queue_depth,
                     on_frames=on_frames))
-            for b, prompt in enumerate(prompts):
+            for b, prompt, shot_start, shot in self._shots(prompts):
                 wall0 = time.perf_counter()
                 t0 = timer.mark()
-                shot_start = b == 0 or prompt.startswith(s.scene_cut_prefix)
-                if shot_start and b > 0:
-                    shot += 1
                 ctx = self._context(cache, prompt, batch, negative)
                 plan = cache.begin_block(b, shot_start=shot_start)
                 pos = self._block_positions(b, shot)

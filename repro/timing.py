@@ -28,3 +28,9 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> list[float]:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of ``values``."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]

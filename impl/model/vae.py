@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
-from impl.config import VAEConfig
+from impl.config import VAEConfig, raw_frames_for_latents
 
 __all__ = [
     "build_vae",
@@ -130,11 +130,6 @@ def denormalize_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     _check_latents(vae, z, "denormalize_latents")
     mean, std = latent_stats(vae, z)
     return z * std + mean
-
-
-def raw_frames_for_latents(latent_frames: int, temporal_factor: int = 4) -> int:
-    """Pixel frames of a whole video of ``latent_frames`` latents: 1 + 4 (F - 1)."""
-    return 1 + temporal_factor * (latent_frames - 1)
 
 
 def _vae_param(vae: AutoencoderKLWan) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from impl.config import ConfigError
+from impl.config import ConfigError, raw_frames_for_latents
 from impl.parallel.groups import ParallelGroups
 from impl.video_io import Mp4Writer, read_video
 
@@ -71,13 +71,6 @@ def _derive_seed(*parts: int) -> int:
 
 def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(_derive_seed(*parts))
-
-
-def raw_frames_for_latents(num_latent_frames: int, temporal_factor: int = 4) -> int:
-    """Raw frames a clip of ``num_latent_frames`` latents needs: ``1 + tf (F - 1)``."""
-    _check_int(num_latent_frames, "num_latent_frames", 1)
-    _check_int(temporal_factor, "temporal_factor", 1)
-    return 1 + temporal_factor * (num_latent_frames - 1)
 
 
 def latent_to_raw_frame(latent_index: int, temporal_factor: int = 4) -> int:

@@ -83,6 +83,7 @@ class DMDTrainer:
         betas = (cfg.beta1, cfg.beta2)
         self.opt_student = MasterWeightAdamW(student.named_parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
         self.opt_critic = MasterWeightAdamW(critic.named_parameters(), lr=cfg.lr_critic, betas=betas, weight_decay=0.0)
+        self._masks: dict[int, torch.Tensor] = {}
         self.step = 0
 
     # ---- pieces -----------------------------------------------------------------------
@@ -116,7 +117,10 @@ class DMDTrainer:
         b, _, f = x_t.shape[:3]
         fpb = self.preset.stream.frames_per_block
         texts = [self.cfg.negative_prompt] * len(prompts) if negative else list(prompts)
-        mask = block_visibility_mask(len(prompts), fpb * self.preset.tokens_per_frame, device=self.device)
+        n = len(prompts)
+        if n not in self._masks:   # the same dense mask serves every score call of this length
+            self._masks[n] = block_visibility_mask(n, fpb * self.preset.tokens_per_frame, device=self.device)
+        mask = self._masks[n]
         t = (sigma * 1000.0)[:, None].expand(b, f).to(self.device)
         v = model(x_t.to(model.dtype), t, self._context(model, texts, b),
                   frame_positions=self.pipe.frame_positions(prompts), mask=mask)

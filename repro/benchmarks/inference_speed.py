@@ -31,11 +31,7 @@ from impl.quant.apply import block_linear_bytes, quantize_model
 from impl.quant.config import QuantConfig
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.roofline import measure_peak_rates, roofline_fps
-
-
-def _percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+from repro.timing import percentile
 
 
 PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only", "nvfp4_te"]
@@ -100,9 +96,9 @@ def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardwa
         "dit_fps": dit_fps,
         "e2e_fps": frames * len(steady) / e2e_s,
         "block_ms_p50": statistics.median(total_ms),
-        "block_ms_p90": _percentile(total_ms, 0.9),
+        "block_ms_p90": percentile(total_ms, 0.9),
         "dit_block_ms_p50": statistics.median(dit_ms),
-        "dit_block_ms_p90": _percentile(dit_ms, 0.9),
+        "dit_block_ms_p90": percentile(dit_ms, 0.9),
         "vae_block_ms_p50": statistics.median(t.vae_ms for t in steady),
         "roofline_fps": roof,
         "roofline_fraction": dit_fps / roof,

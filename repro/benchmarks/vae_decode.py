@@ -45,15 +45,11 @@ from impl.config import get_preset
 from impl.model.vae import StreamingDecoder, build_vae
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.profile import PHASES, kernel_times_ms, phase_times_ms
+from repro.timing import percentile
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _LAYOUT_KERNEL = re.compile(r"nchwtonhwc|nhwctonchw")
 _SHARE_PHASES = [name for name, _ in PHASES] + ["other"]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 @contextlib.contextmanager
@@ -166,7 +162,7 @@ def run_vae_decode(variant: dict[str, Any], measure: dict[str, Any], hardware: d
     metrics: dict[str, Any] = {
         "decode_fps": frames / (sum(ms) / 1e3),
         "vae_block_ms_p50": p50,
-        "vae_block_ms_p90": _percentile(ms, 0.9),
+        "vae_block_ms_p90": percentile(ms, 0.9),
         "ms_per_latent_frame": p50 / fpb,
         "decode_tflop_per_block": flop / 1e12,
         "decode_tflops": flop / (p50 / 1e3) / 1e12,
