@@ -2,7 +2,8 @@
 
 Every knob is a frozen dataclass field with a default; ``__post_init__`` validates it and
 raises :class:`ConfigError` naming the field and what is allowed. Presets bundle the four
-configs: ``wan22_ti2v_5b`` (the real sizes), ``small`` and ``tiny`` (CPU tests).
+configs: ``wan22_ti2v_5b`` (the real sizes), ``small`` and ``tiny`` (CPU tests), ``proxy``
+(the quality proxy model trained in the harness).
 """
 
 from __future__ import annotations
@@ -295,7 +296,21 @@ def _tiny() -> Preset:
     )
 
 
-PRESETS = {"wan22_ti2v_5b": _wan22_ti2v_5b, "small": _small, "tiny": _tiny}
+def _proxy() -> Preset:
+    """The quality proxy (repro/quality): trained in the harness in minutes on one GPU."""
+    return Preset(
+        "proxy",
+        DiTConfig(num_layers=6, dim=256, num_heads=4, ffn_dim=1024, in_channels=16, out_channels=16,
+                  text_dim=128, freq_dim=64),
+        VAEConfig(base_dim=32, decoder_base_dim=32, z_dim=16),
+        TextEncoderConfig(vocab_size=512, d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256,
+                          max_length=32),
+        VideoConfig(height=128, width=128, fps=16),
+        StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
+    )
+
+
+PRESETS = {"wan22_ti2v_5b": _wan22_ti2v_5b, "small": _small, "tiny": _tiny, "proxy": _proxy}
 
 
 def get_preset(name: str) -> Preset:

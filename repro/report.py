@@ -49,8 +49,9 @@ def short_commit(record: dict[str, Any]) -> str:
     return short + ("-dirty" if record.get("dirty") else "")
 
 
-def _benchmark_columns(records: list[dict[str, Any]]) -> tuple[list[str], str | None, str]:
-    """(table metrics, plot metric, description) from the registry, else from the records."""
+def _benchmark_columns(records: list[dict[str, Any]]) -> tuple[list[str], str | None, str, Any]:
+    """(table metrics, plot metric, description, extra plot function or None) from the registry,
+    else from the records."""
     present: list[str] = []
     for r in records:
         for k in r["metrics"]:
@@ -62,11 +63,11 @@ def _benchmark_columns(records: list[dict[str, Any]]) -> tuple[list[str], str | 
             from repro.benchmark import get_benchmark
 
             bench = get_benchmark(name)
-            return list(bench.table_metrics), bench.plot_metric, bench.description
+            return list(bench.table_metrics), bench.plot_metric, bench.description, bench.extra.get("plots")
         except Exception as exc:  # e.g. impl/ not importable: reports still work from records
             warnings.warn(f"benchmark {name!r} unavailable ({exc}); tabulating all metrics",
                           stacklevel=2)
-    return present, (present[0] if present else None), ""
+    return present, (present[0] if present else None), "", None
 
 
 def _sort_key(value: Any) -> tuple:
@@ -112,7 +113,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, sep, *body]) + "\n"
 
 
-def _varying_label(records: list[dict[str, Any]]) -> list[str]:
+def variant_labels(records: list[dict[str, Any]]) -> list[str]:
+    """A label per record naming the variant keys that differ between the records."""
     keys = sorted({k for r in records for k in r["variant"]})
     varying = [k for k in keys if len({repr(r["variant"].get(k)) for r in records}) > 1]
     if not varying:
@@ -128,7 +130,7 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path)
     recs = [r for r in records if isinstance(r["metrics"].get(metric), (int, float))]
     if not recs:
         return None
-    labels = _varying_label(recs)
+    labels = variant_labels(recs)
     variants = list(dict.fromkeys(labels))
     hws = list(dict.fromkeys(hardware_label(r["hardware"]) for r in recs))
     # Latest record wins when the same variant/hardware was measured more than once.
@@ -177,7 +179,7 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
              "| experiment | records | hardware | table | csv | plot |", "|---|---:|---|---|---|---|"]
     for exp in sorted(by_exp):
         recs = by_exp[exp]
-        metrics, plot_metric, description = _benchmark_columns(recs)
+        metrics, plot_metric, description, extra_plots = _benchmark_columns(recs)
         df = experiment_frame(recs, metrics)
         md = [f"# {exp}", ""]
         if description:
@@ -189,6 +191,8 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         png = bar_plot(recs, plot_metric, exp, root / "plots" / f"{exp}.png") if plot_metric else None
         if png is not None:
             out.append(png)
+        if extra_plots is not None:   # benchmark-specific figures (e.g. drift curves)
+            out += extra_plots(recs, root / "plots")
         hws = ", ".join(dict.fromkeys(df["hardware"]))
         index.append(f"| {exp} | {len(recs)} | {hws} | [{exp}.md]({exp}.md) | [{exp}.csv]({exp}.csv) | "
                      + (f"[{exp}.png](../plots/{exp}.png)" if png else "") + " |")

@@ -42,7 +42,7 @@ __all__ = [
     "raw_frames_for_latents", "latent_to_raw_frame", "block_prompts_for_shots",
     "resize_center_crop", "parse_caption_sidecar",
     "VideoFolderDataset", "SyntheticVideoSource", "SyntheticLatentSource",
-    "ShardedSampler", "root_only_loader", "write_video_folder",
+    "InMemorySource", "ShardedSampler", "root_only_loader", "write_video_folder",
 ]
 
 CLIP_STARTS = ("random", "start")
@@ -627,6 +627,25 @@ class SyntheticLatentSource:
         prompts = [f"synthetic latent sample {self.seed}-{i}, shot {k}" for k in shot_of_block]
         return LatentSample(latents.to(self.dtype), text.to(self.dtype), prompts,
                             f"synthetic-latent-{self.seed}-{i:06d}")
+
+
+class InMemorySource:
+    """A list of pre-built samples (e.g. :class:`LatentSample` items encoded once by the caller)
+    with the dataset interface the trainer reads."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        if len(items) == 0:
+            raise ConfigError("InMemorySource: needs at least one item")
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[_check_index(index, len(self), "InMemorySource")]
+
+    def set_epoch(self, epoch: int) -> None:
+        _check_int(epoch, "InMemorySource.set_epoch(epoch)", 0)
 
 
 # ---------------------------------------------------------------------------------------------
