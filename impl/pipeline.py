@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from impl.config import Preset
-from impl.model.attention import TextContext
+from impl.model.attention import SequenceParallel, TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.quant.config import check_kv_storage
@@ -98,7 +98,7 @@ class _Timer:
 class StreamingPipeline:
     def __init__(self, model: CausalWanDiT, preset: Preset, *, text_embedder: TextEmbedder,
                  vae=None, device: torch.device | str = "cpu", kv_cache: str = "bf16",
-                 kv_rule: str = "mse"):
+                 kv_rule: str = "mse", sp: SequenceParallel | None = None):
         self.model = model
         self.preset = preset
         self.stream = preset.stream
@@ -108,6 +108,9 @@ class StreamingPipeline:
         check_kv_storage(kv_cache, kv_rule)
         self.kv_cache, self.kv_rule = kv_cache, kv_rule   # KV storage: bf16 (model dtype) or nvfp4
         self._cache: KVCache | None = None
+        # Sequence-parallel inference (impl.parallel.sp_inference): every forward goes through
+        # the exchange, and this rank's cache holds num_heads / sp heads of every token.
+        self.sp = sp
 
     # ---- set-up ----
     def cache_for(self, batch: int) -> KVCache:
@@ -115,10 +118,12 @@ class StreamingPipeline:
         cfg = self.model.cfg
         if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old one before allocating
-            self._cache = KVCache(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads,
+            sp_size = 1 if self.sp is None else self.sp.size
+            self._cache = KVCache(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads // sp_size,
                                   head_dim=cfg.head_dim, tokens_per_block=self.preset.tokens_per_block,
                                   stream=self.stream, dtype=self.model.dtype, device=self.device,
-                                  storage=self.kv_cache, kv_rule=self.kv_rule)
+                                  storage=self.kv_cache, kv_rule=self.kv_rule,
+                                  amax_reduce=None if self.sp is None else self.sp.reduce_max)
         self._cache.reset()
         return self._cache
 
@@ -143,7 +148,7 @@ class StreamingPipeline:
         b, _, f = x.shape[:3]
         inp = torch.cat([x, x]) if cfg_scale > 1.0 else x
         ts = torch.full((inp.shape[0], f), float(t), device=self.device)
-        out = self.model(inp.to(self.model.dtype), ts, ctx, frame_positions=pos, cache=cache, plan=plan)
+        out = self.model(inp.to(self.model.dtype), ts, ctx, frame_positions=pos, cache=cache, plan=plan, sp=self.sp)
         if cfg_scale > 1.0:
             cond, uncond = out.float().chunk(2)
             return uncond + cfg_scale * (cond - uncond)

@@ -3,13 +3,15 @@
 Parameter names match diffusers' ``WanAttention``: to_q, to_k, to_v, to_out.0, norm_q, norm_k
 (RMSNorm over the full width, before the head split). Self-attention either reads/writes the
 block-slotted :class:`~impl.model.kv_cache.KVCache` (streaming inference) or attends a whole
-sequence under an explicit mask (training, reference forward).
+sequence under an explicit mask (training, reference forward). Under sequence-parallel
+inference a :class:`SequenceParallel` exchange wraps the KV-cache path: q, k, v go from
+token-split to head-split before the cache and SDPA, and the output comes back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch import nn
 
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.model.rope import apply_rope
+from impl.quant.nvfp4 import NVFP4Tensor
 
 
 @dataclass
@@ -38,6 +41,39 @@ class TextContext:
 # SDPA of a full-sequence forward: a FlexAttention block mask, or the Ulysses SP exchange
 # around one (impl.parallel.attention).
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class SequenceParallel(Protocol):
+    """Ulysses SP for KV-cached (streaming) forwards, as the model sees it (implemented by
+    impl.parallel.sp_exchange.SPExchange). Each rank runs every non-attention layer on a
+    contiguous shard of the block's tokens with all heads; self-attention runs on H/sp heads
+    of every token of the block against the rank's head-split KV cache."""
+
+    size: int
+
+    def shard(self, x: torch.Tensor, temb: torch.Tensor, temb6: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, context: TextContext, tokens_per_frame: int) -> tuple:
+        """The rank's shard of a block's tokens x [B, S, C], per-frame embeddings (re-gridded so
+        each row covers equal runs of the shard's tokens), RoPE tables and prompt groups."""
+        ...
+
+    def to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, commit: bool) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, tuple[NVFP4Tensor, NVFP4Tensor] | None]:
+        """[B, H, S/sp, D] -> [B, H/sp, S, D]; plus K/V as NVFP4 codes to store when they
+        crossed quantized on a committing pass (else None)."""
+        ...
+
+    def to_tokens(self, o: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_heads` for the attention output."""
+        ...
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S/sp, C] on each rank -> [B, S, C] on every rank."""
+        ...
+
+    def reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over the SP group (the NVFP4 cache's tensor-scale amax)."""
+        ...
 
 
 class Attention(nn.Module):
@@ -77,32 +113,45 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache | None = None,
                layer: int = 0, plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
-               core: AttentionCore | None = None) -> torch.Tensor:
+               core: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Self-attention core: KV-cache write/read (or a mask) and SDPA -> o [B, H, S, D].
-        ``core`` replaces the masked SDPA of a full-sequence forward (no cache, no mask)."""
+        ``core`` replaces the masked SDPA of a full-sequence forward (no cache, no mask).
+        ``sp`` wraps the KV-cache path in the sequence-parallel exchange."""
         if core is not None:
-            if cache is not None or mask is not None:
-                raise ValueError("Attention.attend: an attention core takes neither a KV cache nor a mask")
+            if cache is not None or mask is not None or sp is not None:
+                raise ValueError("Attention.attend: an attention core takes no KV cache, mask or SP exchange")
             return core(q, k, v)
+        if sp is not None:
+            if cache is None or plan is None or mask is not None:
+                raise ValueError("Attention.attend: sequence-parallel attention needs a KV cache and a "
+                                 "BlockPlan and takes no mask")
+            q, k, v, codes = sp.to_heads(q, k, v, commit=plan.commit)
+            return sp.to_tokens(self._attend_cached(q, k, v, cache, layer, plan, codes))
         if cache is not None:
             if plan is None:
                 raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")
             if mask is not None:
                 raise ValueError("Attention.forward_self: the KV-cache path takes no mask")
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-                # A differentiable forward (DMD rollout exit steps): the cache stores detached
-                # K/V and never joins the graph; the history is read without gradient and the
-                # current block's live K/V are spliced in (a new tensor, so later in-place
-                # cache writes cannot invalidate what backward saved).
-                cache.write(layer, plan, k.detach(), v.detach())
-                kc, vc = cache.read(layer, plan)
-                lo, hi = plan.write_range
-                k = torch.cat([kc[:, :, :lo], k, kc[:, :, hi:]], dim=2)
-                v = torch.cat([vc[:, :, :lo], v, vc[:, :, hi:]], dim=2)
-            else:
-                cache.write(layer, plan, k, v)
-                k, v = cache.read(layer, plan)
+            return self._attend_cached(q, k, v, cache, layer, plan)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+                       plan: BlockPlan, codes: tuple[NVFP4Tensor, NVFP4Tensor] | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            # A differentiable forward (DMD rollout exit steps): the cache stores detached
+            # K/V and never joins the graph; the history is read without gradient and the
+            # current block's live K/V are spliced in (a new tensor, so later in-place
+            # cache writes cannot invalidate what backward saved).
+            cache.write(layer, plan, k.detach(), v.detach(), codes)
+            kc, vc = cache.read(layer, plan)
+            lo, hi = plan.write_range
+            k = torch.cat([kc[:, :, :lo], k, kc[:, :, hi:]], dim=2)
+            v = torch.cat([vc[:, :, :lo], v, vc[:, :, hi:]], dim=2)
+        else:
+            cache.write(layer, plan, k, v, codes)
+            k, v = cache.read(layer, plan)
+        return F.scaled_dot_product_attention(q, k, v)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: [B, G, L, dim] (already text-embedded) -> k, v [B, G, H, L, D]."""

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from impl.config import DiTConfig
-from impl.model.attention import Attention, AttentionCore, TextContext
+from impl.model.attention import Attention, AttentionCore, SequenceParallel, TextContext
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.model.rope import Rope3D
 
@@ -120,11 +120,11 @@ class CausalWanBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb6: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
                 cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None, layer: int,
                 plan: BlockPlan | None, mask: torch.Tensor | None,
-                core: AttentionCore | None = None) -> torch.Tensor:
+                core: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
         # Two pure, fixed-shape halves around the attention core: the halves are what
         # compile_hot_path() compiles; the KV-cache bookkeeping and SDPA stay eager.
         q, k, v, mod = self.pre_attention(x, temb6, cos, sin)
-        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask, core=core)
+        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask, core=core, sp=sp)
         return self.post_attention(x, o, mod, text_kv)
 
     def pre_attention(self, x, temb6, cos, sin):
@@ -188,10 +188,12 @@ class CausalWanDiT(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: TextContext | torch.Tensor, *,
                 frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
-                attention: AttentionCore | None = None) -> torch.Tensor:
+                attention: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Flow prediction for ``latents`` [B, C, F, h, w] at per-frame ``timesteps`` [B, F].
 
-        Streaming: pass ``cache`` and the block's ``plan`` (from ``cache.begin_block``).
+        Streaming: pass ``cache`` and the block's ``plan`` (from ``cache.begin_block``); with
+        ``sp`` (sequence-parallel inference) every rank passes the whole block, runs the layers
+        on its token shard against its head-split cache, and gets the whole prediction back.
         Full sequence: pass an optional boolean ``mask`` [S, S] (True = attend), or an
         ``attention`` core that attends rotated q, k, v itself (FlexAttention, Ulysses SP).
         """
@@ -210,22 +212,28 @@ class CausalWanDiT(nn.Module):
             frame_positions = torch.arange(f)
         if not isinstance(context, TextContext):
             context = self.encode_text(context)
+        if sp is not None and cache is None:
+            raise ValueError("sequence-parallel forward: needs a KV cache (streaming inference)")
 
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)   # [B, S, C]
         temb, temb6 = self.condition_embedder.time(timesteps)
         table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.rope.tables(frame_positions, (gh, gw), table_dtype, x.device)
+        if sp is not None:  # the patch embedding is cheap: every rank embeds the block, keeps its shard
+            x, temb, temb6, cos, sin, context = sp.shard(x, temb, temb6, cos, sin, context, gh * gw)
 
         for i, block in enumerate(self.blocks):
             args = (x, temb6, context.kv[i], cos, sin)
-            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask, core=attention)
+            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask, core=attention, sp=sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False, **kwargs)
             else:
                 x = block(*args, **kwargs)
 
         shift, scale = (_f32(self.scale_shift_table)[None] + _f32(temb)[:, :, None]).unbind(2)  # [B, F, C]
-        x = (_per_frame(self.norm_out(x), f) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+        x = (_per_frame(self.norm_out(x), temb.shape[1]) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
         x = self.proj_out(x.to(self.dtype))
+        if sp is not None:
+            x = sp.gather(x)
         x = x.reshape(b, f, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -27,6 +27,12 @@ BF16 view: the resident history is dequantized into one shared workspace (one la
 time), and the current block's own K/V enter it unquantized, as in the release. Only the
 committing forward of a block (the clean re-cache pass) quantizes it into storage; the
 denoising steps' K/V of the current block are used fresh and never stored.
+
+Sequence-parallel inference (impl/parallel/sp_inference.py) gives each rank a cache of
+``num_heads / sp`` heads for every token. Two hooks keep its NVFP4 codes bit-identical to the
+matching heads of a one-GPU cache: ``amax_reduce`` turns the rank's per-slot amax into the max
+over all ranks (the tensor scale one GPU computes over all heads), and :meth:`KVCache.write`
+accepts K/V that arrive already quantized (``codes``) and stores them without re-quantizing.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ from impl.config import StreamConfig
 from impl.memory import tensor_bytes
 from impl.quant import nvfp4
 from impl.quant.config import check_kv_storage
+
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kv_amax(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per batch element max |K| and max |V| of a block [B, H, T, D]: float32 [2, B]."""
+    return torch.stack([x.detach().abs().amax(dim=(1, 2, 3)).float() for x in (k, v)])
+
+
+def quantize_kv(x: torch.Tensor, amax: torch.Tensor, rule: str) -> nvfp4.NVFP4Tensor:
+    """NVFP4 of a block [B, H, T, D] under per batch element ``amax`` [B]: 16-element groups
+    per (token, head) along head_dim, one tensor scale per batch element. Each group depends
+    only on its own values and the tensor scale, so any token or head subset quantizes to the
+    same codes as the whole block under the same amax."""
+    return nvfp4.quantize(x, rule, amax=amax.reshape(-1, 1, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -72,9 +93,10 @@ class KVCache:
     def __init__(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int,
                  tokens_per_block: int, stream: StreamConfig, dtype: torch.dtype,
                  device: torch.device | str, max_text_contexts: int = 8,
-                 storage: str = "bf16", kv_rule: str = "mse"):
+                 storage: str = "bf16", kv_rule: str = "mse", amax_reduce: AmaxReduce | None = None):
         check_kv_storage(storage, kv_rule)
         self.storage, self.kv_rule = storage, kv_rule
+        self.amax_reduce = amax_reduce   # NVFP4 only: amax [2, B] -> the SP group's max
         self.batch, self.dtype = batch, dtype
         self.num_slots = stream.window_blocks
         self.tokens_per_block = tokens_per_block
@@ -136,17 +158,28 @@ class KVCache:
         return min(candidates)[1]
 
     # ---- data path ----
-    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a block's K/V ([B, H, tokens_per_block, D]) into its slot for ``layer``."""
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              codes: tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor] | None = None) -> None:
+        """Store a block's K/V ([B, H, tokens_per_block, D]) into its slot for ``layer``.
+
+        ``codes`` (NVFP4 storage only): the same K/V already quantized by :func:`quantize_kv`
+        (the SP exchange sends them packed); a committing write stores them as they are."""
         lo, hi = plan.write_range
+        if codes is not None and self.storage != "nvfp4":
+            raise ValueError("KVCache.write: pre-quantized K/V (codes) need storage='nvfp4'")
         if self.storage == "bf16":
             self.k[layer, :, :, lo:hi] = k
             self.v[layer, :, :, lo:hi] = v
             return
         self._fresh = {"k": k, "v": v}
         if plan.commit:
-            for name, x in self._fresh.items():
-                self._fp4[name].store(layer, plan.slot, lo, hi, x, self.kv_rule)
+            if codes is None:
+                amax = kv_amax(k, v)
+                if self.amax_reduce is not None:
+                    amax = self.amax_reduce(amax)
+                codes = (quantize_kv(k, amax[0], self.kv_rule), quantize_kv(v, amax[1], self.kv_rule))
+            for name, q in zip(("k", "v"), codes):
+                self._fp4[name].put(layer, plan.slot, lo, hi, q)
 
     def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Every resident block's K/V for ``layer``: [B, H, num_valid*tpb, D].
@@ -216,9 +249,8 @@ class _FP4Store:
     def nbytes(self) -> int:
         return tensor_bytes((self.packed, self.scales, self.global_scale))
 
-    def store(self, layer: int, slot: int, lo: int, hi: int, x: torch.Tensor, rule: str) -> None:
-        amax = x.detach().abs().amax(dim=(1, 2, 3), keepdim=True).float()   # per batch element
-        q = nvfp4.quantize(x, rule, amax=amax)
+    def put(self, layer: int, slot: int, lo: int, hi: int, q: nvfp4.NVFP4Tensor) -> None:
+        """Copy a quantized block (per batch element tensor scale) into its slot."""
         self.packed[layer, :, :, lo:hi] = q.packed
         self.scales[layer, :, :, lo:hi] = q.scales
         self.global_scale[layer, :, slot] = q.global_scale.reshape(-1)
