@@ -69,11 +69,15 @@ def train_vae(vae, source, cfg: VAETrainConfig, *, progress: bool = True,
     for step in tqdm(range(cfg.steps), desc="vae", disable=not progress):
         idx = torch.randint(len(source), (cfg.batch_size,), generator=g).tolist()
         x = _batch(source, idx, p.device, p.dtype)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=None)).sample
+        # BF16 autocast on CUDA (the float32 masters stay in the optimizer): the Wan VAE's many
+        # small convolutions are otherwise slow to train.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=p.device.type == "cuda"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=None)).sample
+        recon = recon.float()
         l1 = (recon - x).abs().mean()
         mse = (recon - x).pow(2).mean()
-        kl = posterior.kl().mean() / x[0].numel()   # per pixel, like the reconstruction terms
+        kl = posterior.kl().float().mean() / x[0].numel()   # per pixel, like the reconstruction terms
         loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
