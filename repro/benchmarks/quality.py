@@ -34,7 +34,7 @@ _PROXY_FIELDS = {
     "vae_batch": FieldSpec(int, 4, min=1, help="VAE clips per step"),
     "vae_lr": FieldSpec(float, 2e-3, min=0, help="VAE learning rate"),
     "detector_steps": FieldSpec(int, 300, min=1, help="attribute detector training steps"),
-    "detector_clips": FieldSpec(int, 24, min=2, help="procedural clips the detector trains on"),
+    "detector_clips": FieldSpec(int, 300, min=2, help="one-block procedural clips the detector trains on"),
     "train_clips": FieldSpec(int, 64, min=1, help="distinct clips of the AR training set"),
     "clip_blocks": FieldSpec(int, 4, min=1, help="AR blocks per training clip"),
     "shots_per_clip": FieldSpec(int, 2, min=1, help="shots per training clip"),
