@@ -21,12 +21,12 @@ def resolve_spec(arg: str) -> Path:
     return EXPERIMENTS_DIR / f"{arg}.yaml"
 
 
-def _parse_only(items: list[str]) -> dict[str, str]:
+def _parse_pairs(items: list[str], flag: str = "--only") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SpecError(f"--only {item!r}: expected key=value")
+            raise SpecError(f"{flag} {item!r}: expected key=value")
         out[key.strip()] = value.strip()
     return out
 
@@ -35,8 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from repro.runner import run_spec
 
     paths = run_spec(resolve_spec(args.spec), results_dir=args.results, device=args.device,
-                     only=_parse_only(args.only or []), progress=not args.no_progress,
-                     commit=args.commit)
+                     only=_parse_pairs(args.only or []), progress=not args.no_progress,
+                     commit=args.commit, measure=_parse_pairs(args.measure or [], "--measure"),
+                     profile=args.profile)
     for p in paths:
         print(p)
     return 0
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device class to run on (default: cuda if available, else cpu)")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
                      help="run only variants whose KEY equals VALUE (repeatable); the baseline always runs too")
+    run.add_argument("--measure", action="append", metavar="KEY=VALUE",
+                     help="override one of the spec's measure settings for this run (repeatable; typed and "
+                          "validated; records carry the settings used)")
+    run.add_argument("--profile", choices=["cpu", "cuda"], default=None,
+                     help="use the spec's profile for this device class instead of the one of --device "
+                          "(e.g. evaluate the cuda-sized settings on a CPU); records name the real hardware")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--commit", default=None, metavar="SHA",
                      help="commit to record when the tree has no git metadata (a copy on a remote GPU)")

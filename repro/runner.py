@@ -37,22 +37,33 @@ def speedup(metric: str, value: float, baseline: float) -> float | None:
     return baseline / value if value > 0 else None
 
 
-def parse_only(spec: Spec, only: dict[str, Any] | None) -> dict[str, Any]:
-    """Type ``--only key=value`` filters with the benchmark's fields (CLI values are strings)."""
-    if not only:
-        return {}
-    fields = spec.get_benchmark().variant_fields
+def _typed(spec: Spec, items: dict[str, Any] | None, fields: dict[str, Any], flag: str, kind: str,
+           validate: bool) -> dict[str, Any]:
+    """Type ``key=value`` CLI items (strings) with the benchmark's fields."""
     out: dict[str, Any] = {}
-    for key, raw in only.items():
+    for key, raw in (items or {}).items():
         if key not in fields:
-            raise SpecError(f"{spec.path}: --only {key}: unknown variant key; allowed: {sorted(fields)}")
+            raise SpecError(f"{spec.path}: {flag} {key}: unknown {kind} key; allowed: {sorted(fields)}")
         if isinstance(raw, str) and fields[key].type is not str:
             try:
                 raw = fields[key].parse(raw)
             except ValueError as exc:
-                raise SpecError(f"{spec.path}: --only {key}: {exc}") from None
-        out[key] = fields[key].coerce(raw) if fields[key].problem(raw) is None else raw
+                raise SpecError(f"{spec.path}: {flag} {key}: {exc}") from None
+        problem = fields[key].problem(raw)
+        if validate and problem is not None:
+            raise SpecError(f"{spec.path}: {flag} {key}: {problem}")
+        out[key] = fields[key].coerce(raw) if problem is None else raw
     return out
+
+
+def parse_only(spec: Spec, only: dict[str, Any] | None) -> dict[str, Any]:
+    """Type ``--only key=value`` filters with the benchmark's variant fields."""
+    return _typed(spec, only, spec.get_benchmark().variant_fields, "--only", "variant", validate=False)
+
+
+def parse_measure(spec: Spec, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Type and validate ``--measure key=value`` overrides with the benchmark's measure fields."""
+    return _typed(spec, overrides, spec.get_benchmark().measure_fields, "--measure", "measure", validate=True)
 
 
 def _clean_metrics(metrics: Any) -> dict[str, Any]:
@@ -66,7 +77,8 @@ def _clean_metrics(metrics: Any) -> dict[str, Any]:
 
 def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device: str | None = None,
              only: dict[str, Any] | None = None, progress: bool = True,
-             commit: str | None = None) -> list[Path]:
+             commit: str | None = None, measure: dict[str, Any] | None = None,
+             profile: str | None = None) -> list[Path]:
     """Run a spec's variants for this machine; return the written record paths.
 
     Raises SpecError for invalid specs/filters and RunError (after running the others) if
@@ -74,15 +86,19 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
     ran successfully in this same invocation. ``commit`` names the code's commit where the
     tree is a copy without git metadata (e.g. on a remote GPU machine), or with stale metadata
     (an older HEAD plus uncommitted edits); a clean checkout's own HEAD always wins.
+    ``measure`` overrides the spec's measure settings for this run (e.g. a shorter training
+    schedule); records carry the settings actually used. ``profile`` picks the spec profile
+    of another device class than the one the run uses (e.g. GPU-sized settings evaluated on a
+    CPU); records still name the hardware that ran.
     """
     spec = load_spec(spec_path)
     try:
         hw = detect_hardware(device)
     except ValueError as exc:
         raise SpecError(f"{spec.path}: --device: {exc}") from None
-    dev = hw["device"]
+    dev = profile or hw["device"]
     bench = spec.get_benchmark()
-    measure = spec.measure_for(dev)
+    measure = {**spec.measure_for(dev), **parse_measure(spec, measure)}
     variants = spec.expand(dev)
     base_variant = spec.baseline_variant(dev)
     filt = parse_only(spec, only)

@@ -38,6 +38,33 @@ def test_only_filter_and_bad_only(tmp_path):
         run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"k": "99"}, progress=False)
 
 
+def test_measure_override_is_typed_validated_and_recorded(tmp_path):
+    spec = gemm_spec(tmp_path / "g.yaml")
+    paths = run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"k": "16"}, progress=False,
+                     measure={"repeats": "3"})
+    assert json.loads(paths[0].read_text())["measure"] == {"warmup": 1, "repeats": 3, "seed": 0}
+    with pytest.raises(SpecError, match="--measure nope: unknown measure key"):
+        run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, measure={"nope": "1"})
+    with pytest.raises(SpecError, match="--measure repeats: must be >= 1"):
+        run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, measure={"repeats": "0"})
+    with pytest.raises(SpecError, match="--measure repeats"):
+        run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, measure={"repeats": "many"})
+
+
+def test_profile_of_another_device_class(tmp_path):
+    spec = write_spec(tmp_path / "p.yaml", sweep={"speed": [1.0]},
+                      profiles={"cpu": {"measure": {"blocks": 2}},
+                                "cuda": {"variant": {"mode": "other"}, "measure": {"blocks": 16}}})
+    rec = json.loads(run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False,
+                              profile="cuda")[0].read_text())
+    assert rec["variant"]["mode"] == "other" and rec["measure"]["blocks"] == 16
+    assert rec["hardware"]["device"] == "cpu"            # records name the hardware that ran
+    rec = json.loads(run_spec(spec, results_dir=tmp_path / "r2", device="cpu", progress=False)[0].read_text())
+    assert rec["variant"]["mode"] == "ok" and rec["measure"]["blocks"] == 2
+    with pytest.raises(SpecError, match="device"):
+        run_spec(spec, results_dir=tmp_path / "r3", device="cpu", progress=False, profile="tpu")
+
+
 def test_failing_variant_others_still_run(tmp_path, capsys):
     spec = write_spec(tmp_path / "f.yaml", sweep={"mode": ["ok", "boom", "other"]})
     with pytest.raises(RunError, match=r"1 of 3 variants failed \(2 recorded\).*mode-boom.*deliberate failure"):

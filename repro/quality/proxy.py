@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,7 +106,10 @@ class ProxySystem:
         return self.root / f"{name}-{key}"
 
     def _finish(self, folder: Path, info: dict[str, Any]) -> None:
-        """Write ``info.json`` last: a folder without it is an interrupted run and is redone."""
+        """Write ``info.json`` last: a folder without it is an interrupted run and is redone.
+        It names the device that trained the piece (a cache can be trained on a GPU and
+        evaluated elsewhere)."""
+        info = {**info, "device": _device_name(self.device)}
         tmp = folder / "info.json.tmp"
         tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
         tmp.replace(folder / "info.json")
@@ -117,10 +120,11 @@ class ProxySystem:
     def _ready(self, folder: Path) -> bool:
         return (folder / "info.json").is_file()
 
-    def training_record(self, train_precision: str, lora_steps: int | None) -> dict[str, float]:
-        """Training time and final loss of the pieces behind one model variant (from their
-        ``info.json``, so a cached piece reports the run that trained it)."""
+    def training_record(self, train_precision: str, lora_steps: int | None) -> dict[str, float | str]:
+        """Training time, device and final loss of the pieces behind one model variant (from
+        their ``info.json``, so a cached piece reports the run that trained it)."""
         pieces = [("vae", self._dir("vae", self.vae_key())),
+                  ("detector", self._dir("detector", self.detector_key())),
                   ("teacher", self._dir(f"teacher_{train_precision}", self.teacher_key(train_precision)))]
         if lora_steps is not None:
             pieces.append(("lora", self._dir(f"lora{lora_steps}_{train_precision}",
@@ -130,6 +134,7 @@ class ProxySystem:
             if self._ready(folder):
                 info = self.info(folder)
                 out[f"train_s_{name}"] = round(info["train_s"], 2)
+                out[f"train_device_{name}"] = info.get("device", "unknown")
                 for k in ("last_loss", "critic_loss_last"):
                     if k in info:
                         out[f"{name}_{k}"] = info[k]
@@ -342,6 +347,84 @@ class ProxySystem:
         return path
 
 
-def check_preset(name: str) -> None:
-    if name not in PROXY_PRESETS:
-        raise ConfigError(f"preset: the quality proxy trains {PROXY_PRESETS}, got {name!r}")
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+PIECES = ("vae", "detector", "teacher", "lora4", "lora2", "teacher_nvfp4_emulated")
+
+
+def train_pieces(system: ProxySystem, pieces: Sequence[str]) -> list[dict[str, Any]]:
+    """Train (or find cached) each named piece in order; return their ``info.json`` contents."""
+    out = []
+    for name in pieces:
+        if name == "vae":
+            system.vae()
+            folder = system._dir("vae", system.vae_key())
+        elif name == "detector":
+            system.detector()
+            folder = system._dir("detector", system.detector_key())
+        elif name.startswith("teacher"):
+            precision = name[len("teacher_"):] or "bf16"
+            system.teacher_state(precision)
+            folder = system._dir(f"teacher_{precision}", system.teacher_key(precision))
+        else:
+            folder = system.student_path(int(name[len("lora"):])).parent
+        info = system.info(folder)
+        out.append({"piece": name, "folder": str(folder), **{k: info[k] for k in ("train_s", "device")},
+                    **{k: info[k] for k in ("last_loss", "critic_loss_last", "heldout_real") if k in info}})
+        print(json.dumps(out[-1], default=str), flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m repro.quality.proxy``: train the proxy pieces a ``quality`` run would use."""
+    import argparse
+    import sys
+
+    from repro.errors import HarnessError
+    ap = argparse.ArgumentParser(
+        prog="python -m repro.quality.proxy",
+        description="Train (or find in the cache) the quality proxy's pieces with the settings a "
+                    "`python -m repro run quality` run would use: the spec's measure settings for --profile, "
+                    "with --measure overrides. A later run with the same settings (and --profile, on another "
+                    "machine too, given the cache folder) reuses them; records name the device that trained each.",
+        epilog=f"Pieces, in training order: {', '.join(PIECES)}.")
+    ap.add_argument("--spec", default="quality", help="spec file or experiment name (default: quality)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="device to train on (default: cuda if available, else cpu)")
+    ap.add_argument("--profile", choices=["cpu", "cuda"], default=None,
+                    help="the spec profile whose settings to use (default: the device's)")
+    ap.add_argument("--measure", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one measure setting (repeatable), as `repro run --measure`")
+    ap.add_argument("--pieces", nargs="+", choices=PIECES, default=list(PIECES), help="pieces to train, in order")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = ap.parse_args(argv)
+    from repro.cli import _parse_pairs, resolve_spec
+    from repro.runner import parse_measure
+    from repro.spec import load_spec
+    try:
+        spec = load_spec(resolve_spec(args.spec))
+        if spec.benchmark != "quality":
+            raise ConfigError(f"--spec: {spec.path} runs benchmark {spec.benchmark!r}, not 'quality'")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
+        profile = args.profile or device
+        measure = {**spec.measure_for(profile), **parse_measure(spec, _parse_pairs(args.measure, "--measure"))}
+        presets = sorted({v.values["preset"] for v in spec.expand(profile)})
+        if len(presets) != 1:
+            raise ConfigError(f"--spec: the {profile} profile sweeps presets {presets}; train one at a time")
+        system = ProxySystem(ProxyConfig.from_measure(measure, presets[0]), measure["cache_dir"], device,
+                             progress=not args.no_progress)
+    except (ConfigError, HarnessError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train_pieces(system, args.pieces)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""``sp_inference``: measured FPS and bytes per block of sequence-parallel streaming inference.
+
+The harness runs one process, so each variant launches ``torchrun --standalone
+--nproc-per-node sp_size -m impl.parallel.sp_inference`` (NCCL, one GPU per rank, on CUDA;
+gloo on the CPU) and reads the JSON summary global rank 0 writes. One video of
+``warmup_blocks + blocks`` AR blocks is generated with random weights and a fixed random
+text embedding per prompt (speed does not depend on either):
+- ``dit_fps``: pixel frames / DiT time of the measured blocks on rank 0 (the SP root);
+- ``e2e_fps``: pixel frames / wall time after the warm-up blocks, VAE decode on the root
+  included (``decode``; frames are decoded, not written to a file);
+- ``comm_bytes_per_block``: bytes one rank sent per block, counted by the exchange, with the
+  analytic count of :func:`impl.parallel.sp_exchange.block_bytes` next to it.
+A CUDA variant needs ``sp_size`` GPUs on this host and fails with a clear error otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from repro.benchmark import Benchmark, FieldSpec, register
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _check(variant: dict[str, Any]) -> None:
+    from impl.config import get_preset
+    from impl.parallel.groups import ParallelConfigError
+    from impl.parallel.sp_inference import SPInferenceConfig
+    try:
+        SPInferenceConfig(variant["sp_size"], variant["kv_cache"], variant["kv_comm"]).check(get_preset(variant["preset"]))
+    except ParallelConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
+    """The torchrun command line of one variant."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(variant["sp_size"]),
+           "-m", "impl.parallel.sp_inference",
+           "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
+           "--kv-cache", variant["kv_cache"], "--kv-comm", variant["kv_comm"],
+           "--steps", str(variant["steps"]), "--precision", variant["precision"],
+           "--quant", variant["quant"], "--text", "random",
+           "--blocks", str(measure["warmup_blocks"] + measure["blocks"]),
+           "--warmup-blocks", str(measure["warmup_blocks"]), "--seed", str(measure["seed"]),
+           "--out", str(out / "outputs"), "--metrics-out", str(out / "metrics.json"),
+           "--decode" if measure["decode"] else "--no-decode", "--no-video"]
+    if variant["compile"]:
+        cmd.append("--compile")
+    return cmd
+
+
+def run_sp_inference(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    _check(variant)
+    sp = variant["sp_size"]
+    env = dict(os.environ)
+    if hardware["device"] == "cuda":
+        import torch
+        found = torch.cuda.device_count()
+        if found < sp:
+            raise ValueError(f"sp_size: {sp} ranks need {sp} GPUs on this host, found {found}")
+        if variant["precision"] == "fp64":
+            raise ValueError("precision: fp64 is for CPU exactness runs; use bf16 or fp32 on CUDA")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU host
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sp))
+    with tempfile.TemporaryDirectory(prefix="sp_inference_") as tmp:
+        out = Path(tmp)
+        proc = subprocess.run(launch_command(variant, measure, out), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=measure["timeout_s"])
+        if proc.returncode != 0 or not (out / "metrics.json").exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise RuntimeError(f"torchrun with {sp} rank(s) failed (exit {proc.returncode}):\n{tail}")
+        m = json.loads((out / "metrics.json").read_text())
+    by_category = m.pop("comm_by_category")
+    m.pop("collectives_per_block")
+    metrics = {k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))}
+    metrics.update({f"comm_{k}_bytes_per_block": v for k, v in by_category.items() if k != "kv"})
+    metrics["comm_bytes_match_analytic"] = m["comm_bytes_per_block"] == m["comm_bytes_per_block_analytic"]
+    for drop in ("sp_size", "steps", "kv_cache", "preset", "precision"):   # variant keys, already in the record
+        metrics.pop(drop, None)
+    return metrics
+
+
+SP_INFERENCE = register(Benchmark(
+    name="sp_inference",
+    description=("Measured Ulysses SP streaming inference: torchrun with sp_size ranks (NCCL on GPUs, gloo on "
+                 "CPU), DiT-only and end-to-end FPS on the SP root, bytes per block sent by each rank "
+                 "(BF16 vs NVFP4 K/V exchange) against the analytic count, KV memory per rank."),
+    variant_fields={
+        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
+        "sp_size": FieldSpec(int, 1, min=1, max=64, help="SP ranks = GPUs used (one SP group)"),
+        "kv_cache": FieldSpec(str, "bf16", choices=["bf16", "nvfp4"], help="KV-cache storage"),
+        "kv_comm": FieldSpec(str, "auto", choices=["auto", "plain", "nvfp4"],
+                             help="K/V exchange: plain, nvfp4, auto (= nvfp4 with an NVFP4 cache under SP)"),
+        "steps": FieldSpec(int, 4, choices=[1, 2, 3, 4, 8], help="denoising steps per block"),
+        "precision": FieldSpec(str, "bf16", choices=["bf16", "fp32", "fp64"], help="model dtype"),
+        "quant": FieldSpec(str, "bf16", choices=["bf16", "fp8", "nvfp4_weight_only", "nvfp4_emulated"],
+                           help="format of the block linears"),
+        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves"),
+    },
+    measure_fields={
+        "warmup_blocks": FieldSpec(int, 4, min=0, help="blocks before timing (fill the KV window)"),
+        "blocks": FieldSpec(int, 8, min=1, help="timed blocks"),
+        "decode": FieldSpec(bool, True, help="VAE-decode each block on the SP root"),
+        "seed": FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding"),
+        "timeout_s": FieldSpec(float, 3600.0, min=1.0, help="limit for the torchrun launch"),
+    },
+    run=run_sp_inference,
+    check_variant=_check,
+    table_metrics=["dit_fps", "e2e_fps", "dit_block_ms_p50", "block_ms_p50", "comm_bytes_per_block",
+                   "comm_kv_bytes_per_block", "comm_bytes_per_block_analytic", "kv_mem_gb", "peak_mem_gb"],
+    primary_metric="dit_fps",
+    plot="dit_fps",
+))
