@@ -31,6 +31,11 @@ case $stage in
             # come back as <= 15 MiB tar parts: cat $OUT/quality_cache.tar.part-* | tar x -C .cache
             run experiments/quality.yaml "$@"
             [ -d .cache/quality ] && tar cf - -C .cache quality | split -b 15m - "$OUT/quality_cache.tar.part-" ;;
+  quality-train)  # quality-train [--pieces vae detector ...] [--measure k=v ...]: train proxy pieces
+            # only (a call each when the whole schedule outlasts one device call); cache as above.
+            timeout "${LIMIT:-560}" python3 -m repro.quality.proxy --device cuda --no-progress "$@" \
+              2>&1 | tee "$OUT/quality_train.log"
+            [ -d .cache/quality ] && tar cf - -C .cache quality | split -b 15m - "$OUT/quality_cache.tar.part-" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 status=$?

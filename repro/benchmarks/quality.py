@@ -140,7 +140,7 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
     for name, values in series.items():
         for j, v in enumerate(values):
             metrics[f"series_{name}_b{j:02d}"] = None if not math.isfinite(v) else v
-    metrics.update(system.training_record(variant["train_precision"],
+    metrics.update(system.training_record(None if variant["model"] == "real" else variant["train_precision"],
                                           variant["steps"] if variant["model"] == "lora" else None))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 

@@ -120,12 +120,14 @@ class ProxySystem:
     def _ready(self, folder: Path) -> bool:
         return (folder / "info.json").is_file()
 
-    def training_record(self, train_precision: str, lora_steps: int | None) -> dict[str, float | str]:
+    def training_record(self, train_precision: str | None, lora_steps: int | None) -> dict[str, float | str]:
         """Training time, device and final loss of the pieces behind one model variant (from
-        their ``info.json``, so a cached piece reports the run that trained it)."""
+        their ``info.json``, so a cached piece reports the run that trained it); no teacher
+        when ``train_precision`` is None (the ground truth through the VAE)."""
         pieces = [("vae", self._dir("vae", self.vae_key())),
-                  ("detector", self._dir("detector", self.detector_key())),
-                  ("teacher", self._dir(f"teacher_{train_precision}", self.teacher_key(train_precision)))]
+                  ("detector", self._dir("detector", self.detector_key()))]
+        if train_precision is not None:
+            pieces.append(("teacher", self._dir(f"teacher_{train_precision}", self.teacher_key(train_precision))))
         if lora_steps is not None:
             pieces.append(("lora", self._dir(f"lora{lora_steps}_{train_precision}",
                                              self.student_key(lora_steps, train_precision))))
