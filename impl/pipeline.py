@@ -64,6 +64,16 @@ class GenerationResult:
     video_path: Path | None = None
 
 
+def parse_shot(text: str) -> tuple[str, int]:
+    """A command-line shot: ``"PROMPT"`` (one block) or ``"PROMPT::BLOCKS"``."""
+    prompt, sep, blocks = text.rpartition("::")
+    if not sep:
+        return text, 1
+    if not blocks.isdigit() or int(blocks) < 1:
+        raise ValueError(f"shot {text!r}: BLOCKS after '::' must be a positive integer")
+    return prompt, int(blocks)
+
+
 def shot_prompts(shots: Sequence[tuple[str, int]], scene_cut_prefix: str) -> list[str]:
     """Per-block prompts from ``[(prompt, num_blocks), ...]``; later shots get the scene-cut prefix."""
     prompts: list[str] = []

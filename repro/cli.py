@@ -21,7 +21,7 @@ def resolve_spec(arg: str) -> Path:
     return EXPERIMENTS_DIR / f"{arg}.yaml"
 
 
-def _parse_pairs(items: list[str], flag: str = "--only") -> dict[str, str]:
+def parse_pairs(items: list[str], flag: str = "--only") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -35,8 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from repro.runner import run_spec
 
     paths = run_spec(resolve_spec(args.spec), results_dir=args.results, device=args.device,
-                     only=_parse_pairs(args.only or []), progress=not args.no_progress,
-                     commit=args.commit, measure=_parse_pairs(args.measure or [], "--measure"),
+                     only=parse_pairs(args.only or []), progress=not args.no_progress,
+                     commit=args.commit, measure=parse_pairs(args.measure or [], "--measure"),
                      profile=args.profile)
     for p in paths:
         print(p)

@@ -21,16 +21,6 @@ PRECISIONS = ["bf16", "fp32"]
 LINEAR_MODES = ["bf16", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only", "nvfp4_te"]
 
 
-def parse_shot(text: str) -> tuple[str, int]:
-    """``"PROMPT"`` (one block) or ``"PROMPT::BLOCKS"``."""
-    prompt, sep, blocks = text.rpartition("::")
-    if not sep:
-        return text, 1
-    if not blocks.isdigit() or int(blocks) < 1:
-        raise ValueError(f"--shot {text!r}: BLOCKS after '::' must be a positive integer")
-    return prompt, int(blocks)
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shot", action="append", required=True, metavar="PROMPT[::BLOCKS]",
                     help="one shot: its prompt and how many AR blocks it lasts (repeat for multi-shot)")
@@ -62,7 +52,7 @@ def run(args: argparse.Namespace) -> Path:
     from impl.model.dit import CausalWanDiT
     from impl.model.text_encoder import TextEncoder
     from impl.model.vae import build_vae, load_vae
-    from impl.pipeline import StreamingPipeline, shot_prompts
+    from impl.pipeline import StreamingPipeline, parse_shot, shot_prompts
     from impl.precision import compute_dtype
     from impl.quant.apply import quantize_model
     from impl.quant.config import QuantConfig

@@ -182,15 +182,6 @@ LINEAR_MODES = ["bf16", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only", "
 DEFAULT_PROMPT = "A red fox runs through fresh snow in a quiet forest at dawn."
 
 
-def _parse_shot(text: str) -> tuple[str, int]:
-    prompt, sep, blocks = text.rpartition("::")
-    if not sep:
-        return text, 1
-    if not blocks.isdigit() or int(blocks) < 1:
-        raise ValueError(f"shot {text!r}: BLOCKS after '::' must be a positive integer")
-    return prompt, int(blocks)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m impl.parallel.sp_inference",
@@ -241,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _videos(args: argparse.Namespace, scene_cut_prefix: str) -> list[list[str]]:
     """Per video, its per-block prompts."""
-    from impl.pipeline import shot_prompts
+    from impl.pipeline import parse_shot, shot_prompts
     if args.shot and args.prompt_file:
         raise ValueError("--shot and --prompt-file: give one or the other")
     if args.prompt_file:
@@ -249,11 +240,11 @@ def _videos(args: argparse.Namespace, scene_cut_prefix: str) -> list[list[str]]:
             lines = [ln.strip() for ln in args.prompt_file.read_text(encoding="utf-8").splitlines()]
         except OSError as exc:
             raise ValueError(f"--prompt-file: cannot read {args.prompt_file}: {exc.strerror or exc}") from None
-        shots = [[_parse_shot(s.strip()) for s in ln.split(" | ")] for ln in lines if ln]
+        shots = [[parse_shot(s.strip()) for s in ln.split(" | ")] for ln in lines if ln]
         if not shots:
             raise ValueError(f"--prompt-file: {args.prompt_file} has no prompts")
     elif args.shot:
-        shots = [[_parse_shot(s) for s in args.shot]]
+        shots = [[parse_shot(s) for s in args.shot]]
     else:
         if args.blocks < 1:
             raise ValueError(f"--blocks: must be >= 1, got {args.blocks}")

@@ -160,31 +160,39 @@ def _check(variant: dict[str, Any]) -> None:
 
 def drift_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     """One figure: per-block adherence, flicker and PSNR vs the reference, one line per variant."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     from repro.report import variant_labels
     panels = [("adherence", "prompt adherence"), ("flicker", "temporal flickering (1 = static)"),
               ("psnr_vs_ref", "PSNR vs BF16 reference (dB)")]
     labels = variant_labels(records)
-    fig = Figure(figsize=(15, 4.5))
+    # One colour per variant, the same in every panel (a panel skips variants without a curve,
+    # e.g. the reference has no PSNR against itself, so the default colour cycle would shift).
+    cmap = matplotlib.colormaps["tab20"]
+    colors = [cmap(k % 20) for k in range(len(records))]
+    legend_in = 0.2 * math.ceil(len(records) / 2)          # two legend columns under the panels
+    fig = Figure(figsize=(15, 4.5 + legend_in))
     FigureCanvasAgg(fig)
     drew = False
     for k, (name, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         prefix = f"series_{name}_b"
-        for rec, label in zip(records, labels):
+        for rec, label, color in zip(records, labels, colors):
             pts = sorted((int(key[len(prefix):]), v) for key, v in rec["metrics"].items()
                          if key.startswith(prefix) and isinstance(v, (int, float)))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color, label=label)
                 drew = True
         ax.set_xlabel("AR block")
         ax.set_title(title, fontsize=10)
     if not drew:
         return []
-    fig.axes[0].legend(fontsize=6)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=c, marker="o", ms=3, label=lab) for c, lab in zip(colors, labels)]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (legend_in + 0.2) / (4.5 + legend_in), 1, 1))
     plots_dir.mkdir(parents=True, exist_ok=True)
     path = plots_dir / "quality_drift.png"
     tmp = path.with_name(f".{path.name}.tmp.png")

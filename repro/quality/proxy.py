@@ -359,7 +359,8 @@ PIECES = ("vae", "detector", "teacher", "lora4", "lora2", "teacher_nvfp4_emulate
 
 
 def train_pieces(system: ProxySystem, pieces: Sequence[str]) -> list[dict[str, Any]]:
-    """Train (or find cached) each named piece in order; return their ``info.json`` contents."""
+    """Train (or find cached) each named piece in order; print and return a summary of each
+    (from its ``info.json``: folder, training seconds, device, final losses)."""
     out = []
     for name in pieces:
         if name == "vae":
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pieces", nargs="+", choices=PIECES, default=list(PIECES), help="pieces to train, in order")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = ap.parse_args(argv)
-    from repro.cli import _parse_pairs, resolve_spec
+    from repro.cli import parse_pairs, resolve_spec
     from repro.runner import parse_measure
     from repro.spec import load_spec
     try:
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available")
         profile = args.profile or device
-        measure = {**spec.measure_for(profile), **parse_measure(spec, _parse_pairs(args.measure, "--measure"))}
+        measure = {**spec.measure_for(profile), **parse_measure(spec, parse_pairs(args.measure, "--measure"))}
         presets = sorted({v.values["preset"] for v in spec.expand(profile)})
         if len(presets) != 1:
             raise ConfigError(f"--spec: the {profile} profile sweeps presets {presets}; train one at a time")
