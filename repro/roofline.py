@@ -17,7 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from impl.config import Preset
+from repro.benchmark import FieldSpec
 from repro.timing import time_ms
+
+# Measure fields of the analytic cost models (sp_training_cost, sp_inference_cost): the rates
+# they assume, defaulting to what our H100 measured (DESIGN.md) and NVLink 4's nominal bandwidth.
+H100_RATE_FIELDS = {
+    "gemm_tflops": FieldSpec(float, 750.0, min=1e-6, help="BF16 GEMM rate (measured on our H100, DESIGN.md)"),
+    "attn_tflops": FieldSpec(float, 650.0, min=1e-6, help="attention rate (measured SDPA on our H100, DESIGN.md)"),
+    "link_gbps": FieldSpec(float, 450.0, min=1e-6,
+                           help="per-rank link bandwidth in GB/s (1e9 B/s) per direction; 450 = H100 "
+                                "NVLink 4 nominal, not measured"),
+}
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from impl.parallel.groups import ParallelConfigError
 from impl.parallel.sp_exchange import block_bytes
 from impl.parallel.sp_inference import KV_COMM_CHOICES, SPInferenceConfig
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.roofline import block_flops
+from repro.roofline import H100_RATE_FIELDS, block_flops
 
 BF16 = 2
 ROWS_REF = (168960, 675840)     # rows of the nvfp4_kernels H100 records (one and four 5B blocks of K)
@@ -177,14 +177,10 @@ SP_INFERENCE_COST = register(Benchmark(
         "guidance_scale": FieldSpec(float, 1.0, min=1.0, help="CFG scale; > 1 doubles the batch"),
     },
     measure_fields={
-        "gemm_tflops": FieldSpec(float, 750.0, min=1e-6, help="BF16 GEMM rate (measured on our H100, DESIGN.md)"),
-        "attn_tflops": FieldSpec(float, 650.0, min=1e-6, help="attention rate (measured SDPA on our H100, DESIGN.md)"),
+        **H100_RATE_FIELDS,
         "compute_efficiency": FieldSpec(float, 0.8, min=1e-3, max=1.0,
                                         help="fraction of the roofline reached; 0.8 ~ the compiled BF16 one-GPU "
                                              "runs on our H100 (results/inference_speed: 0.81)"),
-        "link_gbps": FieldSpec(float, 450.0, min=1e-6,
-                               help="per-rank link bandwidth in GB/s per direction; 450 = H100 NVLink 4 "
-                                    "nominal, not measured"),
         "latency_us": FieldSpec(float, 20.0, min=0.0, help="fixed cost per collective (nominal NCCL on NVLink)"),
         "vae_block_ms": FieldSpec(float, 1660.0, min=0.0,
                                   help="VAE decode per block on the SP root (measured on our H100, "

@@ -98,6 +98,7 @@ from impl.parallel.groups import ParallelConfigError
 from impl.parallel.layout import LAYOUTS, TeacherForcingLayout, attention_density
 from impl.parallel.vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.roofline import H100_RATE_FIELDS
 
 BF16 = 2  # bytes per element
 
@@ -331,13 +332,7 @@ SP_TRAINING_COST = register(Benchmark(
         "vae_encode_ms_per_frame": FieldSpec(float, 0.0, min=0.0,
                                              help="VAE encode time per raw frame; 0 = VAE time not modelled"),
     },
-    measure_fields={
-        "gemm_tflops": FieldSpec(float, 750.0, min=1e-6, help="BF16 GEMM rate (measured on our H100, DESIGN.md)"),
-        "attn_tflops": FieldSpec(float, 650.0, min=1e-6, help="attention rate (measured SDPA on our H100, DESIGN.md)"),
-        "link_gbps": FieldSpec(float, 450.0, min=1e-6,
-                               help="per-rank link bandwidth in GB/s (1e9 B/s) per direction; 450 = H100 "
-                                    "NVLink 4 nominal, not measured"),
-    },
+    measure_fields=dict(H100_RATE_FIELDS),
     run=run_sp_training_cost,
     check_variant=check_variant,
     table_metrics=["tokens_per_rank", "gemm_tflop_per_rank", "attn_tflop_per_rank", "vae_raw_frames_max_rank",
