@@ -31,6 +31,24 @@ case $stage in
             # come back as <= 15 MiB tar parts: cat $OUT/quality_cache.tar.part-* | tar x -C .cache
             run experiments/quality.yaml "$@"
             [ -d .cache/quality ] && tar cf - -C .cache quality | split -b 15m - "$OUT/quality_cache.tar.part-" ;;
+  quality-pipeline)  # quality-pipeline [--measure k=v ...]: train every proxy piece within LIMIT seconds,
+            # independent pieces side by side (the small DiT leaves the GPU mostly idle): the VAE; then
+            # the detector, the BF16 teacher followed by both LoRA students, and the NVFP4-trained
+            # teacher. A piece cut off by the deadline is redone by the next call. Logs come back as
+            # one archive; the cache as tar parts, minus folders matching CACHE_EXCLUDE (the device
+            # returns at most 64 MiB: exclude the pieces an earlier call already brought back).
+            end=$((SECONDS + ${LIMIT:-560})); mkdir -p /tmp/logs
+            piece() { timeout $((end - SECONDS)) python3 -m repro.quality.proxy --device cuda --no-progress \
+                        --pieces "$1" "${@:2}" > "/tmp/logs/train_$1.log" 2>&1
+                      local rc=$?; echo "$1: exit $rc at ${SECONDS}s"; return $rc; }
+            piece vae "$@" &&
+            { piece detector "$@" &
+              { piece teacher "$@" && { piece lora4 "$@" & piece lora2 "$@" & wait; }; } &
+              piece teacher_nvfp4_emulated "$@" &
+              wait; }
+            tail -n 3 /tmp/logs/*.log; tar czf "$OUT/train_logs.tgz" -C /tmp/logs .
+            [ -d .cache/quality ] && tar cf - -C .cache --exclude="${CACHE_EXCLUDE:-/nothing}" quality \
+              | split -b 15m - "$OUT/quality_cache.tar.part-" ;;
   quality-train)  # quality-train [--pieces vae detector ...] [--measure k=v ...]: train proxy pieces
             # only (a call each when the whole schedule outlasts one device call); cache as above.
             timeout "${LIMIT:-560}" python3 -m repro.quality.proxy --device cuda --no-progress "$@" \
