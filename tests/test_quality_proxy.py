@@ -149,10 +149,14 @@ def test_quality_benchmark_runs_every_kind_of_variant(tmp_path):
     assert lora["train_device_lora"] == "cpu" and "detector_color" in real
     # the pieces are cached: a second run retrains nothing (same training records, same files)
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
-    run_spec(spec, results_dir=tmp_path / "r2", device="cpu", progress=False, only={"model": "teacher"})
+    # (a run that shares the device records its DiT speed under another name)
+    shared = run_spec(spec, results_dir=tmp_path / "r2", device="cpu", progress=False, only={"model": "teacher"},
+                      measure={"shared_device": "true"})
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
+    m = json.loads(shared[0].read_text())["metrics"]
+    assert "dit_fps" not in m and m["dit_fps_shared_gpu"] > 0
     from repro.report import build_report
-    assert any(p.name == "quality_drift.png" for p in build_report(tmp_path / "r"))
+    assert any(p.name.endswith("_drift_cpu.png") for p in build_report(tmp_path / "r"))
 
 
 def test_quality_variant_errors(tmp_path):

@@ -53,6 +53,8 @@ _EVAL_FIELDS = {
     "reference_steps": FieldSpec(int, 8, min=1, help="teacher steps of the reference variant (PSNR/SSIM)"),
     "seed": FieldSpec(int, 0, min=0, help="seed of every training run and of the evaluation set"),
     "cache_dir": FieldSpec(str, ".cache/quality", help="where trained proxy pieces are cached"),
+    "shared_device": FieldSpec(bool, False, help="other runs share the device (concurrent --only groups): "
+                               "the DiT speed is stored as dit_fps_shared_gpu, not as a speed figure"),
 }
 
 
@@ -132,7 +134,8 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
         pipe = _pipeline(system, variant, device)
         videos, dit_ms = generate_videos(pipe, evalset)
         frames = sum(v.shape[0] for v in videos)
-        metrics["dit_fps"] = frames / (sum(dit_ms) / 1e3)
+        fps_key = "dit_fps_shared_gpu" if measure["shared_device"] else "dit_fps"
+        metrics[fps_key] = frames / (sum(dit_ms) / 1e3)
         reference = None if _is_reference(variant, measure) else _reference_videos(
             system, es_args, measure["reference_steps"], hardware["device"])
     scores, series = score_videos(videos, evalset, detector, real_feats, reference)
@@ -159,13 +162,28 @@ def _check(variant: dict[str, Any]) -> None:
 
 
 def drift_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
-    """One figure: per-block adherence, flicker and PSNR vs the reference, one line per variant."""
+    """``<experiment>_drift_<hardware tag>.png``: per-block adherence, flicker and PSNR vs the
+    reference, one line per variant; one figure per hardware (a CPU smoke run and a GPU-trained
+    proxy are different models, so their curves do not share axes)."""
+    from repro.hardware import hardware_tag
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(hardware_tag(rec["hardware"]), []).append(rec)
+    out = []
+    for tag, recs in groups.items():
+        path = plots_dir / f"{recs[0]['experiment']}_drift_{tag}.png"
+        if _drift_figure(recs, path):
+            out.append(path)
+    return out
+
+
+def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repro.report import variant_labels
+    from repro.report import hardware_label, variant_labels
     panels = [("adherence", "prompt adherence"), ("flicker", "temporal flickering (1 = static)"),
               ("psnr_vs_ref", "PSNR vs BF16 reference (dB)")]
     labels = variant_labels(records)
@@ -189,16 +207,18 @@ def drift_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         ax.set_xlabel("AR block")
         ax.set_title(title, fontsize=10)
     if not drew:
-        return []
+        return False
+    presets = ", ".join(sorted({str(r["variant"].get("preset")) for r in records}))
+    fig.suptitle(f"{records[0]['experiment']}: {hardware_label(records[0]['hardware'])}, preset {presets}",
+                 fontsize=11)
     handles = [Line2D([], [], color=c, marker="o", ms=3, label=lab) for c, lab in zip(colors, labels)]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, (legend_in + 0.2) / (4.5 + legend_in), 1, 1))
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    path = plots_dir / "quality_drift.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
-    return [path]
+    return True
 
 
 QUALITY = register(Benchmark(

@@ -251,6 +251,14 @@ class ProxySystem:
                             parent=f"{self.vae_key()}:{train_precision}")
 
     def _latent_samples(self):
+        """The AR training set, encoded once per process (both teachers train on it)."""
+        if "latents" not in self._memo:
+            self._memo["latents"] = self._encode_training_set()
+        return self._memo["latents"]
+
+    def _encode_training_set(self):
+        from tqdm.auto import tqdm
+
         from impl.model.vae import encode_video
         from impl.parallel.vae_encode import frames_uint8_to_float
         from impl.train.data import LatentSample
@@ -258,7 +266,7 @@ class ProxySystem:
         vae, text = self.vae(), self.text_encoder()
         src = self.source(blocks=c.clip_blocks, length=c.train_clips, seed=c.seed + 31, shots=c.shots_per_clip)
         samples = []
-        for i in range(len(src)):
+        for i in tqdm(range(len(src)), desc="encode AR clips", disable=not self.progress):
             clip = src[i]
             x0 = encode_video(vae, frames_uint8_to_float(clip.frames.unsqueeze(0), torch.float32, self.device))
             samples.append(LatentSample(x0[0].cpu(), text(clip.block_prompts).float().cpu(), clip.block_prompts,
