@@ -45,8 +45,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--text-encoder", help="umT5 encoder folder or pipeline root; default: random preset encoder")
     ap.add_argument("--dit", help="initial DiT weights (diffusers or original layout)")
     ap.add_argument("--out", required=True, type=Path, help="checkpoint and log folder")
+    ap.add_argument("--metrics-out", type=Path,
+                    help="JSON summary written by global rank 0 at the end: world size, device, and every "
+                         "rank's peak GPU memory (speed runs; the per-step log is OUT/train_log.jsonl)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def run_summary(cfg, device, world: int) -> dict[str, Any]:
+    """Collective: every rank's peak allocated GPU memory (None on CPU), gathered on all ranks."""
+    import torch
+
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peaks = [peak]
+    if torch.distributed.is_initialized():
+        peaks = [None] * world
+        torch.distributed.all_gather_object(peaks, peak)
+    return {"world_size": world, "sp_size": cfg.sp_size, "dp_size": world // cfg.sp_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "peak_mem_gb_per_rank": peaks}
 
 
 def build_config(args: argparse.Namespace):
@@ -99,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from impl.train.encode import ClipEncoder
     from impl.train.trainer import Trainer, build_training_model
 
-    rank, _, device = init_distributed()
+    rank, world, device = init_distributed()
     groups = build_groups(cfg.sp_size)
     preset = get_preset(cfg.preset)
     source = build_source(args, cfg, preset)
@@ -128,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     trainer.fit(source, progress=not args.no_progress, on_step=on_step)
+    if args.metrics_out is not None:
+        summary = run_summary(cfg, device, world)
+        if rank == 0:
+            args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+            args.metrics_out.write_text(json.dumps(summary, indent=1))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -1,0 +1,130 @@
+"""``sp_training``: measured teacher-forcing training step under Balanced vs naive SP.
+
+The measured counterpart of ``sp_training_cost`` (the analytic model). The harness runs one
+process, so each variant launches ``torchrun --standalone --nproc-per-node sp_size -m
+impl.train`` (NCCL, one GPU per rank, on CUDA; gloo on the CPU) with random weights and
+``warmup_steps + steps`` optimizer steps, and reads what global rank 0 writes: the per-step
+log (``train_log.jsonl``) and the ``--metrics-out`` summary (every rank's peak memory).
+
+- ``step_ms_p50`` / ``step_ms_mean``: optimizer-step wall time over the timed steps (the SP
+  ranks synchronise in every all-to-all, so rank 0's step is the group's step);
+- ``tokens_per_s``: clean + noisy tokens of the clip per second at the median step;
+- ``peak_mem_gb_max`` / ``peak_mem_gb_min``: peak allocated GPU memory over the ranks (the
+  naive layout's ranks are unequal; CUDA only).
+
+``data: latents`` trains on pre-encoded random latents (the DiT step alone, as ``train_step``);
+``data: video`` feeds raw clips through each rank's VAE encoder, SP-chunked with a halo under
+the Balanced layout, so the encode is part of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from repro.benchmark import Benchmark, FieldSpec, register
+
+ROOT = Path(__file__).resolve().parents[2]
+PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4_emulated", "nvfp4_te"]
+
+
+def _check(variant: dict[str, Any]) -> None:
+    from repro.benchmarks.sp_training_cost import check_variant
+    check_variant(variant)   # the same shape rules as the analytic model (whole blocks per rank, heads % sp)
+
+
+def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
+    """The torchrun command line of one variant."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(variant["sp_size"]),
+           "-m", "impl.train", "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
+           "--sp-layout", variant["sp_layout"], "--frames", str(variant["frames"]),
+           "--precision", variant["precision"], "--steps", str(measure["warmup_steps"] + measure["steps"]),
+           "--data", "synthetic-latents" if variant["data"] == "latents" else "synthetic-video",
+           "--data-length", "8", "--checkpoint-every", "0", "--seed", str(measure["seed"]),
+           "--out", str(out / "run"), "--metrics-out", str(out / "metrics.json"), "--no-progress"]
+    if variant["num_layers"]:
+        cmd += ["--num-layers", str(variant["num_layers"])]
+    if variant["compile"]:
+        cmd.append("--compile")
+    if not variant["gradient_checkpointing"]:
+        cmd.append("--no-gradient-checkpointing")
+    return cmd
+
+
+def summarize(log: list[dict[str, Any]], summary: dict[str, Any], warmup_steps: int) -> dict[str, Any]:
+    """Metrics of one run from its per-step log and its end-of-run summary."""
+    timed = log[warmup_steps:]
+    if not timed:
+        raise RuntimeError(f"the run logged {len(log)} steps, none after the {warmup_steps} warm-up steps")
+    step_s = [e["step_s"] for e in timed]
+    p50 = statistics.median(step_s)
+    tokens = timed[0]["tokens_per_s"] * timed[0]["step_s"]   # the same clip every step
+    peaks = [p for p in summary["peak_mem_gb_per_rank"] if p is not None]
+    return {"step_ms_p50": p50 * 1e3, "step_ms_mean": statistics.fmean(step_s) * 1e3,
+            "tokens_per_s": tokens / p50, "timed_steps": len(timed), "loss_last": timed[-1]["loss"],
+            "peak_mem_gb_max": max(peaks) if peaks else None, "peak_mem_gb_min": min(peaks) if peaks else None,
+            "ranks": summary["world_size"]}
+
+
+def run_sp_training(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    _check(variant)
+    sp = variant["sp_size"]
+    env = dict(os.environ)
+    if hardware["device"] == "cuda":
+        import torch
+        found = torch.cuda.device_count()
+        if found < sp:
+            raise ValueError(f"sp_size: {sp} ranks need {sp} GPUs on this host, found {found}")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU host
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sp))
+    with tempfile.TemporaryDirectory(prefix="sp_training_") as tmp:
+        out = Path(tmp)
+        proc = subprocess.run(launch_command(variant, measure, out), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=measure["timeout_s"])
+        log_path = out / "run" / "train_log.jsonl"
+        if proc.returncode != 0 or not (out / "metrics.json").exists() or not log_path.exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise RuntimeError(f"torchrun with {sp} rank(s) failed (exit {proc.returncode}):\n{tail}")
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        summary = json.loads((out / "metrics.json").read_text())
+    return summarize(log, summary, measure["warmup_steps"])
+
+
+SP_TRAINING = register(Benchmark(
+    name="sp_training",
+    description=("Measured teacher-forcing training step under Balanced vs naive sequence parallelism: torchrun "
+                 "with sp_size ranks (NCCL on GPUs, gloo on CPU), random weights, step time, clip tokens/s and "
+                 "the peak memory of the fullest and emptiest rank."),
+    variant_fields={
+        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
+        "num_layers": FieldSpec(int, 0, min=0, help="DiT depth override at full width (0 = the preset's)"),
+        "sp_size": FieldSpec(int, 1, min=1, max=64, help="SP ranks = GPUs used (one SP group)"),
+        "sp_layout": FieldSpec(str, "balanced", choices=["balanced", "naive"],
+                               help="balanced: each rank holds the clean and noisy copy of one chunk"),
+        "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (whole blocks per rank)"),
+        "precision": FieldSpec(str, "bf16", choices=PRECISIONS, help="training precision of the block linears"),
+        "data": FieldSpec(str, "latents", choices=["latents", "video"],
+                          help="latents: DiT step alone; video: the SP VAE encode is part of the step"),
+        "gradient_checkpointing": FieldSpec(bool, True, help="per-block activation checkpointing"),
+        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves"),
+    },
+    measure_fields={
+        "warmup_steps": FieldSpec(int, 2, min=0, help="optimizer steps before timing (compilation, allocator)"),
+        "steps": FieldSpec(int, 5, min=1, help="timed optimizer steps"),
+        "seed": FieldSpec(int, 0, min=0, help="seed of weights and data"),
+        "timeout_s": FieldSpec(float, 3600.0, min=1.0, help="limit for the torchrun launch"),
+    },
+    run=run_sp_training,
+    check_variant=_check,
+    table_metrics=["step_ms_p50", "tokens_per_s", "peak_mem_gb_max", "peak_mem_gb_min", "step_ms_mean",
+                   "loss_last"],
+    primary_metric="tokens_per_s",
+    plot="tokens_per_s",
+))
