@@ -6,6 +6,8 @@
 set -uo pipefail
 stage=$1; shift
 export PYTHONUNBUFFERED=1
+# NVLink multicast stays off on shared hosts (the device tool's rule); torchrun children inherit it.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -27,6 +29,11 @@ case $stage in
             run experiments/train_step.yaml "$@" ;;
   trainbench) run experiments/train_step.yaml "$@" ;;
   vae)      run experiments/vae_decode.yaml "$@" ;;
+  sp)       # multi-GPU hosts: measured SP training (Balanced vs naive) and SP inference, each
+            # variant a torchrun over sp_size GPUs; pass --only sp_size=2 etc. to fit a call
+            run experiments/sp_training.yaml "$@"; run experiments/sp_inference.yaml "$@" ;;
+  vae2)     # VAE decode on a second GPU vs synchronous and side-stream decode on the DiT GPU
+            run experiments/vae_second_gpu.yaml "$@" ;;
   quality)  # Trained proxy pieces persist in .cache/quality (carry it into the next call); they
             # come back as <= 15 MiB tar parts: cat $OUT/quality_cache.tar.part-* | tar x -C .cache
             run experiments/quality.yaml "$@"

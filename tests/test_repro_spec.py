@@ -149,3 +149,13 @@ def test_sweep_list_is_a_union_of_grids_without_duplicates(tmp_path):
     assert [v.values["speed"] for v in spec.expand("cuda")] == [2.0, 3.0]
     assert "sweep[1].nope" in _err(tmp_path, sweep=[{"steps": [4]}, {"nope": [1]}])
     assert "must not be empty" in _err(tmp_path, sweep=[])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_loads_and_expands(path):
+    """Each experiment file names a known benchmark, expands on both device classes, and
+    (loading checks it) its baseline matches exactly one variant there."""
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    for device_class in ("cpu", "cuda"):
+        assert spec.expand(device_class), f"{path.name}: no variants on {device_class}"
