@@ -23,6 +23,7 @@ file bit for bit; tests check it):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,14 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring E2M1 magnitudes, and whether a tie rounds up (to the even code).
 E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
                   (3.5, True), (5.0, False))
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table on ``device``, built once per (values, dtype, device): a fresh
+    ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy, i.e. a stream
+    synchronisation inside every quantize call. Read-only by convention."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ def e2m1_magnitude_code(r: torch.Tensor) -> torch.Tensor:
 
 def e2m1_stochastic_code(r: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Stochastic rounding: round up with probability (r - lo) / (hi - lo); saturating at 6."""
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=r.device)
+    grid = _constant(E2M1_VALUES, torch.float64, r.device)
     lo = (torch.searchsorted(grid, r.contiguous(), right=True) - 1).clamp(max=7)
     hi = (lo + 1).clamp(max=7)
     g_lo, g_hi = grid[lo], grid[hi]
@@ -276,7 +285,7 @@ def _quantize_rows(x: torch.Tensor, r: ScaleRule, *, amax: torch.Tensor, tile_2d
 def _block_error(blocks: torch.Tensor, code: torch.Tensor, s: torch.Tensor, gd_b: torch.Tensor,
                  kind: str, tile_2d: bool) -> torch.Tensor:
     """Per-block (or per-tile, repeated over its rows) error of the decoded values, in float64."""
-    mag = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=blocks.device)[code.long()]
+    mag = _constant(E2M1_VALUES, torch.float64, blocks.device)[code.long()]
     # (mag * s) has <= 6 significant bits, times gd (24 bits): exact, and so is the difference.
     e = blocks.abs() - (mag * s.unsqueeze(-1)) * gd_b
     e = e * e if kind == "mse" else e.abs()
@@ -297,7 +306,7 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _code_values(device: torch.device) -> torch.Tensor:
-    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    mags = _constant(E2M1_VALUES, torch.float32, torch.device(device))
     return torch.cat([mags, -mags])
 
 
