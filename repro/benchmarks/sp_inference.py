@@ -16,16 +16,11 @@ A CUDA variant needs ``sp_size`` GPUs on this host and fails with a clear error 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from repro.benchmark import Benchmark, FieldSpec, register
-
-ROOT = Path(__file__).resolve().parents[2]
+from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
 
 def _check(variant: dict[str, Any]) -> None:
@@ -40,8 +35,7 @@ def _check(variant: dict[str, Any]) -> None:
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
     """The torchrun command line of one variant."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(variant["sp_size"]),
-           "-m", "impl.parallel.sp_inference",
+    cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.parallel.sp_inference",
            "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--kv-cache", variant["kv_cache"], "--kv-comm", variant["kv_comm"],
            "--steps", str(variant["steps"]), "--precision", variant["precision"],
@@ -58,25 +52,12 @@ def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) 
 def run_sp_inference(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     _check(variant)
     sp = variant["sp_size"]
-    env = dict(os.environ)
-    if hardware["device"] == "cuda":
-        import torch
-        found = torch.cuda.device_count()
-        if found < sp:
-            raise ValueError(f"sp_size: {sp} ranks need {sp} GPUs on this host, found {found}")
-        if variant["precision"] == "fp64":
-            raise ValueError("precision: fp64 is for CPU exactness runs; use bf16 or fp32 on CUDA")
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU host
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sp))
-    with tempfile.TemporaryDirectory(prefix="sp_inference_") as tmp:
-        out = Path(tmp)
-        proc = subprocess.run(launch_command(variant, measure, out), cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=measure["timeout_s"])
-        if proc.returncode != 0 or not (out / "metrics.json").exists():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-            raise RuntimeError(f"torchrun with {sp} rank(s) failed (exit {proc.returncode}):\n{tail}")
-        m = json.loads((out / "metrics.json").read_text())
+    env = torchrun_env(sp, hardware)
+    if hardware["device"] == "cuda" and variant["precision"] == "fp64":
+        raise ValueError("precision: fp64 is for CPU exactness runs; use bf16 or fp32 on CUDA")
+    m = run_torchrun(lambda out: launch_command(variant, measure, out), sp, env, timeout_s=measure["timeout_s"],
+                     required=["metrics.json"], read=lambda out: json.loads((out / "metrics.json").read_text()),
+                     prefix="sp_inference_")
     by_category = m.pop("comm_by_category")
     m.pop("collectives_per_block")
     metrics = {k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))}

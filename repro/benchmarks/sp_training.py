@@ -20,17 +20,13 @@ the Balanced layout, so the encode is part of the step.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
-ROOT = Path(__file__).resolve().parents[2]
 PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4_emulated", "nvfp4_te"]
 
 
@@ -41,8 +37,7 @@ def _check(variant: dict[str, Any]) -> None:
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
     """The torchrun command line of one variant."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(variant["sp_size"]),
-           "-m", "impl.train", "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
+    cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.train", "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--sp-layout", variant["sp_layout"], "--frames", str(variant["frames"]),
            "--precision", variant["precision"], "--steps", str(measure["warmup_steps"] + measure["steps"]),
            "--data", "synthetic-latents" if variant["data"] == "latents" else "synthetic-video",
@@ -75,25 +70,15 @@ def summarize(log: list[dict[str, Any]], summary: dict[str, Any], warmup_steps: 
 def run_sp_training(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     _check(variant)
     sp = variant["sp_size"]
-    env = dict(os.environ)
-    if hardware["device"] == "cuda":
-        import torch
-        found = torch.cuda.device_count()
-        if found < sp:
-            raise ValueError(f"sp_size: {sp} ranks need {sp} GPUs on this host, found {found}")
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even on a GPU host
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sp))
-    with tempfile.TemporaryDirectory(prefix="sp_training_") as tmp:
-        out = Path(tmp)
-        proc = subprocess.run(launch_command(variant, measure, out), cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=measure["timeout_s"])
-        log_path = out / "run" / "train_log.jsonl"
-        if proc.returncode != 0 or not (out / "metrics.json").exists() or not log_path.exists():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-            raise RuntimeError(f"torchrun with {sp} rank(s) failed (exit {proc.returncode}):\n{tail}")
-        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        summary = json.loads((out / "metrics.json").read_text())
+    log_name = "run/train_log.jsonl"
+
+    def read(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        lines = (out / log_name).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()], json.loads((out / "metrics.json").read_text())
+
+    log, summary = run_torchrun(lambda out: launch_command(variant, measure, out), sp, torchrun_env(sp, hardware),
+                                timeout_s=measure["timeout_s"], required=["metrics.json", log_name], read=read,
+                                prefix="sp_training_")
     return summarize(log, summary, measure["warmup_steps"])
 
 
