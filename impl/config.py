@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+from impl.errors import ConfigError
+from impl.modes import Sampler, check_choice
 
 
 def _require(cond: bool, field_name: str, message: str) -> None:
@@ -153,18 +152,10 @@ class StreamConfig:
     multi_shot_sink: bool = True
     shot_rope_offset: int = 8
     scene_cut_prefix: str = "The scene transitions. "
-    sampler: str = "unipc"
+    sampler: Sampler = "unipc"
     steps: int = 4
     shift: float = 5.0
     guidance_scale: float = 1.0
-    # Block VAE decoding (impl/vae_decode.py): "sync" in the DiT's thread, "stream" on a second
-    # CUDA stream of the same GPU, "device" in a worker thread with the VAE on vae_device.
-    vae_mode: str = "sync"
-    vae_device: str | None = None      # "device" mode only: "cpu", "cuda" or "cuda:N"; None = "cpu"
-    vae_queue_depth: int = 2           # async modes: most blocks submitted but not yet delivered
-
-    SAMPLERS = ("unipc", "euler")
-    VAE_MODES = ("sync", "stream", "device")
 
     def __post_init__(self) -> None:
         _positive(self, "frames_per_block", "kv_window_frames", "steps")
@@ -174,20 +165,10 @@ class StreamConfig:
         _require(self.sink_frames >= 0 and self.sink_frames % fpb == 0, "StreamConfig.sink_frames",
                  f"must be a non-negative multiple of frames_per_block={fpb}, got {self.sink_frames}")
         _require(self.shot_rope_offset >= 0, "StreamConfig.shot_rope_offset", "must be >= 0")
-        _require(self.sampler in self.SAMPLERS, "StreamConfig.sampler",
-                 f"must be one of {self.SAMPLERS}, got {self.sampler!r}")
+        check_choice(self.sampler, Sampler, "StreamConfig.sampler")
         _require(self.shift > 0, "StreamConfig.shift", "must be > 0")
         _require(self.guidance_scale >= 1.0, "StreamConfig.guidance_scale",
                  f"must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}")
-        _require(self.vae_mode in self.VAE_MODES, "StreamConfig.vae_mode",
-                 f"must be one of {self.VAE_MODES}, got {self.vae_mode!r}")
-        dev = self.vae_device
-        _require(dev is None or (isinstance(dev, str) and (dev in ("cpu", "cuda") or (
-            dev.startswith("cuda:") and dev[5:].isdigit()))), "StreamConfig.vae_device",
-                 f"must be None, 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
-        _require(dev is None or self.vae_mode == "device", "StreamConfig.vae_device",
-                 f"is only used with vae_mode='device' (vae_mode is {self.vae_mode!r}); leave it None")
-        _positive(self, "vae_queue_depth")
         # The current block always occupies a slot; sink and the shot pin need their own.
         pinned = 1 if self.multi_shot_sink and self.sink_blocks > 0 else 0
         _require(self.window_blocks >= self.sink_blocks + pinned + 1, "StreamConfig.kv_window_frames",

@@ -7,10 +7,12 @@ t = 0 on the clean latents so the cache holds clean K/V (re-cache); hand the blo
 VAE block decoder (impl/vae_decode.py), which appends its frames to the mp4 as they arrive. A
 per-block timing hook reports DiT and VAE time.
 
-``preset.stream.vae_mode`` picks the decode: "sync" decodes in the DiT loop; "stream" (a side
-CUDA stream) and "device" (a worker with the VAE on ``vae_device``) overlap the decode of
-block k with the DiT of later blocks, which waits only when ``vae_queue_depth`` blocks are
-still decoding.
+The pipeline is built by :func:`impl.inference.build.build_pipeline` from one
+:class:`~impl.inference.config.InferenceConfig`, which it keeps: ``cfg.stream_preset`` gives the
+block geometry and sampler, ``cfg.kv_cache`` the cache's storage, ``cfg.vae_mode`` the decode
+("sync" decodes in the DiT loop; "stream", a side CUDA stream, and "device", a worker with the
+VAE on ``vae_device``, overlap the decode of block k with the DiT of later blocks, which waits
+only when ``vae_queue_depth`` blocks are still decoding).
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from impl.config import Preset
+from impl.inference.config import InferenceConfig
 from impl.model.attention import SequenceParallel, TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
-from impl.quant.config import check_kv_storage
 from impl.sampling import make_sampler, official_sigmas
 
 if TYPE_CHECKING:  # imported lazily at run time: it pulls in diffusers
@@ -106,17 +107,20 @@ class _Timer:
 
 
 class StreamingPipeline:
-    def __init__(self, model: CausalWanDiT, preset: Preset, *, text_embedder: TextEmbedder,
-                 vae=None, device: torch.device | str = "cpu", kv_cache: str = "bf16",
-                 kv_rule: str = "mse", sp: SequenceParallel | None = None):
+    """Block-AR generation with one DiT, one KV cache and one VAE block decoder.
+
+    Build it with :func:`impl.inference.build.build_pipeline` (or ``pipeline_for_model`` for a
+    model you own); the constructor trusts that ``cfg`` describes ``model``."""
+
+    def __init__(self, model: CausalWanDiT, cfg: InferenceConfig, *, text_embedder: TextEmbedder,
+                 vae=None, device: torch.device | str = "cpu", sp: SequenceParallel | None = None):
         self.model = model
-        self.preset = preset
-        self.stream = preset.stream
+        self.cfg = cfg
+        self.preset = cfg.stream_preset
+        self.stream = self.preset.stream
         self.embed_text = text_embedder
         self.vae = vae
         self.device = torch.device(device)
-        check_kv_storage(kv_cache, kv_rule)
-        self.kv_cache, self.kv_rule = kv_cache, kv_rule   # KV storage: bf16 (model dtype) or nvfp4
         self._cache: KVCache | None = None
         # Sequence-parallel inference (impl.parallel.sp_inference): every forward goes through
         # the exchange, and this rank's cache holds num_heads / sp heads of every token.
@@ -125,14 +129,14 @@ class StreamingPipeline:
     # ---- set-up ----
     def cache_for(self, batch: int) -> KVCache:
         """The KV cache, allocated once per batch size and reset between videos."""
-        cfg = self.model.cfg
+        dit = self.model.cfg
         if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old one before allocating
             sp_size = 1 if self.sp is None else self.sp.size
-            self._cache = KVCache(num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads // sp_size,
-                                  head_dim=cfg.head_dim, tokens_per_block=self.preset.tokens_per_block,
+            self._cache = KVCache(num_layers=dit.num_layers, batch=batch, num_heads=dit.num_heads // sp_size,
+                                  head_dim=dit.head_dim, tokens_per_block=self.preset.tokens_per_block,
                                   stream=self.stream, dtype=self.model.dtype, device=self.device,
-                                  storage=self.kv_cache, kv_rule=self.kv_rule,
+                                  storage=self.cfg.kv_cache, kv_rule=self.cfg.kv_rule,
                                   amax_reduce=None if self.sp is None else self.sp.reduce_max)
         self._cache.reset()
         return self._cache
@@ -233,11 +237,14 @@ class StreamingPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, seed: int = 0, noise: torch.Tensor | None = None,
-                 negative_prompt: str = "", decode: bool = True, video_path: str | Path | None = None,
+                 negative_prompt: str = "", decode: bool | None = None, video_path: str | Path | None = None,
                  on_block: Callable[[BlockTiming], None] | None = None,
                  latent_dtype: torch.dtype = torch.float32) -> GenerationResult:
-        """Generate ``len(prompts)`` blocks, one prompt per block (see :func:`shot_prompts`)."""
+        """Generate ``len(prompts)`` blocks, one prompt per block (see :func:`shot_prompts`).
+        ``decode`` (default: whenever the pipeline has a VAE) decodes each block to frames."""
         s = self.stream
+        if decode is None:
+            decode = self.vae is not None
         num_blocks = len(prompts)
         if num_blocks < 1:
             raise ValueError("prompts: need at least one block prompt")
@@ -284,9 +291,7 @@ class StreamingPipeline:
             if decoding:
                 from impl.vae_decode import make_block_decoder
                 # Entered after the writer, so it is closed (or aborted) before the writer.
-                decoder = stack.enter_context(make_block_decoder(
-                    self.vae, s.vae_mode, device=s.vae_device, queue_depth=s.vae_queue_depth,
-                    on_frames=on_frames))
+                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames))
             for b, prompt, shot_start, shot in self._shots(prompts):
                 wall0 = time.perf_counter()
                 t0 = timer.mark()

@@ -2,7 +2,7 @@
 
 :class:`BlockDecoder` takes one block of latents at a time (:meth:`BlockDecoder.submit`) and
 hands its pixel frames, as CPU float32 ``[B, 3, T, H, W]`` in ``[-1, 1]``, to a callback in
-block order. The mode (``StreamConfig.vae_mode``) picks where the decode runs:
+block order. The mode (``InferenceConfig.vae_mode``) picks where the decode runs:
 
 * ``"sync"``: in the caller's thread on the VAE's device; ``submit`` returns after delivery.
 * ``"stream"``: on a second CUDA stream of the VAE's GPU, launched by a worker thread, so the
@@ -32,15 +32,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from impl.model.vae import StreamingDecoder
+from impl.model.decoders import stream_decoder
 
-__all__ = ["MODES", "DecodedBlock", "VAEDecodeError", "BlockDecoder", "make_block_decoder"]
+if TYPE_CHECKING:
+    from impl.inference.config import InferenceConfig
 
-MODES = ("sync", "stream", "device")
+__all__ = ["DecodedBlock", "VAEDecodeError", "BlockDecoder", "make_block_decoder"]
 _POLL_S = 0.05      # how often a waiting caller re-checks the worker for errors
 _JOIN_S = 30.0      # close()/abort() give up on a stuck worker after this (it is a daemon)
 _STOP = object()    # worker sentinel
@@ -112,9 +113,9 @@ class _SyncBackend:
     """Decode in the caller's thread (no staging: the decode is done before ``submit`` returns);
     time with CUDA events on the current stream, or perf_counter on the CPU."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: torch.nn.Module, **options: bool) -> None:
         self.device = _vae_device(vae)
-        self.decoder = StreamingDecoder(vae)
+        self.decoder = stream_decoder(vae, **options)
 
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.device.type != "cuda":
@@ -134,12 +135,12 @@ class _SyncBackend:
 class _StreamBackend:
     """Decode on a side CUDA stream of the VAE's GPU; decode time from CUDA events on it."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: torch.nn.Module, **options: bool) -> None:
         self.device = _vae_device(vae)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"vae_mode='stream' needs the VAE on a CUDA GPU, but it is on "
                              f"{self.device}; use vae_mode='sync' or 'device'")
-        self.decoder = StreamingDecoder(vae)
+        self.decoder = stream_decoder(vae, **options)
         self.side = torch.cuda.Stream(device=self.device)
         self.staging = _PinnedPool()
 
@@ -171,7 +172,7 @@ class _StreamBackend:
 class _DeviceBackend:
     """Decode with the VAE on ``device`` (moved there once, in place); wall time in the worker."""
 
-    def __init__(self, vae: torch.nn.Module, device: str | torch.device | None) -> None:
+    def __init__(self, vae: torch.nn.Module, device: str | torch.device | None, **options: bool) -> None:
         dev = torch.device("cpu" if device is None else device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -186,7 +187,7 @@ class _DeviceBackend:
         if _vae_device(vae) != dev:
             torch.nn.Module.to(vae, device=dev)
         self.device = dev
-        self.decoder = StreamingDecoder(vae)
+        self.decoder = stream_decoder(vae, **options)
         self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         self.inputs = _PinnedPool()   # host hop of the latents
         self.staging = _PinnedPool()  # host hop of the frames
@@ -415,27 +416,20 @@ class BlockDecoder:
                 self._slots.release()
 
 
-def make_block_decoder(vae: torch.nn.Module, mode: str = "sync", *, device: str | torch.device | None = None,
-                       queue_depth: int = 2, on_frames: FramesCallback) -> BlockDecoder:
-    """Build a :class:`BlockDecoder` for ``vae`` (a diffusers ``AutoencoderKLWan``).
-
-    ``mode``: ``"sync"``, ``"stream"`` (VAE on a CUDA GPU) or ``"device"`` (the VAE is moved,
-    in place, to ``device``: ``"cpu"`` (the default), ``"cuda"`` or ``"cuda:N"``).
-    ``queue_depth``: most blocks in flight in the async modes (ignored by ``"sync"``).
-    ``on_frames``: receives each :class:`DecodedBlock`, in block order.
-    """
-    if mode not in MODES:
-        raise ValueError(f"vae_mode must be one of {MODES}, got {mode!r}")
-    if device is not None and mode != "device":
-        raise ValueError(f"vae_device is only used with vae_mode='device' (got mode {mode!r})")
-    if not isinstance(queue_depth, int) or isinstance(queue_depth, bool) or queue_depth < 1:
-        raise ValueError(f"vae_queue_depth must be a positive integer, got {queue_depth!r}")
+def make_block_decoder(vae: torch.nn.Module, cfg: "InferenceConfig", *, on_frames: FramesCallback) -> BlockDecoder:
+    """Build a :class:`BlockDecoder` for ``vae`` (any decoder of :mod:`impl.model.decoders`) with the
+    decode settings of ``cfg`` (validated there): ``vae_channels_last`` / ``vae_compile`` for the
+    decoder's streaming state; ``vae_mode`` ``"sync"``, ``"stream"`` (the VAE on a
+    CUDA GPU) or ``"device"`` (the VAE is moved, in place, to ``vae_device``, the CPU by
+    default); ``vae_queue_depth`` bounds the blocks in flight in the async modes.
+    ``on_frames`` receives each :class:`DecodedBlock`, in block order."""
     if not callable(on_frames):
         raise TypeError("on_frames must be callable")
-    if mode == "sync":
-        backend: Any = _SyncBackend(vae)
-    elif mode == "stream":
-        backend = _StreamBackend(vae)
+    options = {"channels_last": cfg.vae_channels_last, "compile": cfg.vae_compile}
+    if cfg.vae_mode == "sync":
+        backend: Any = _SyncBackend(vae, **options)
+    elif cfg.vae_mode == "stream":
+        backend = _StreamBackend(vae, **options)
     else:
-        backend = _DeviceBackend(vae, device)
-    return BlockDecoder(backend, mode, queue_depth, on_frames, z_dim=vae.config.z_dim)
+        backend = _DeviceBackend(vae, cfg.vae_device, **options)
+    return BlockDecoder(backend, cfg.vae_mode, cfg.vae_queue_depth, on_frames, z_dim=vae.config.z_dim)

@@ -1,7 +1,7 @@
 """``python -m repro profile``: where the time of one steady-state AR block goes.
 
-Builds the model like the ``inference_speed`` benchmark (random weights at the preset's size),
-generates ``--warmup-blocks`` blocks, then profiles the next block's DiT work (denoising
+Builds the pipeline through the one builder (random weights at the preset's size, every
+inference knob a flag of :class:`impl.inference.config.InferenceConfig`), generates ``--warmup-blocks`` blocks, then profiles the next block's DiT work (denoising
 steps + re-cache) with ``torch.profiler``. GPU kernel time is grouped into phases (GEMM,
 attention, convolution, NVFP4/FP8 quantization, norms and elementwise, copies, other); the
 gap between the block's wall time and the summed kernel time is reported as idle (launch
@@ -11,10 +11,12 @@ overhead, host syncs). Prints a table and writes the full summary as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
-from pathlib import Path
+
+from impl.inference.config import add_arguments as add_inference_arguments
+from impl.inference.config import config_from_args
+from impl.io import write_json
 
 PHASES = [  # first match wins; matched against lower-case kernel names
     # Convolutions (the VAE; the DiT's patch embedding): cuDNN/CUTLASS fprop/dgrad/wgrad and
@@ -76,13 +78,9 @@ def _commit(given: str | None) -> str:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "wan22_ti2v_5b"])
-    ap.add_argument("--precision", default="bf16", help="block-linear mode (see inference_speed)")
-    ap.add_argument("--kv-cache", default="bf16", choices=["bf16", "nvfp4"])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup-blocks", type=int, default=4)
-    ap.add_argument("--compile", action="store_true", help="compile the hot path first (CausalWanDiT.compile_hot_path)")
-    ap.add_argument("--top", type=int, default=15, help="kernels listed")
+    add_inference_arguments(ap, skip=("sp_size", "kv_comm", "vae_mode", "vae_device", "vae_queue_depth"))
+    ap.add_argument("--warmup-blocks", type=int, default=4, help="blocks generated before the profiled one (default: 4)")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
     ap.add_argument("--out", default=None, help="JSON summary path (default: print only)")
     ap.add_argument("--commit", default=None, metavar="SHA",
                     help="commit to record when the tree has no git metadata (a copy on a remote GPU)")
@@ -92,23 +90,14 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from impl.config import get_preset
-    from impl.model.dit import CausalWanDiT
-    from impl.pipeline import StreamingPipeline
-    from impl.quant.apply import quantize_model
-    from impl.quant.config import QuantConfig
+    from impl.inference.build import Weights, build_pipeline
 
     if args.warmup_blocks < 1:
         raise ValueError(f"--warmup-blocks: must be >= 1 (the profiled block follows them), got {args.warmup_blocks}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = get_preset(args.preset).replace(stream={"steps": args.steps})
-    model = CausalWanDiT(preset.dit, device=device, dtype=torch.bfloat16).eval()
-    if args.precision != "bf16":
-        quantize_model(model, QuantConfig.for_inference(args.precision))
-    if args.compile:
-        model.compile_hot_path()
-    text = torch.randn(1, preset.text.max_length, preset.dit.text_dim).to(device, torch.bfloat16)
-    pipe = StreamingPipeline(model, preset, text_embedder=lambda p: text, device=device, kv_cache=args.kv_cache)
+    cfg = config_from_args(args)
+    # Random weights and a fixed random embedding per prompt: the profile is of the DiT's block.
+    pipe = build_pipeline(cfg, device, Weights(text="embedding"), decode=False)
     prompts = ["a profiled prompt"] * (args.warmup_blocks + 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -133,8 +122,8 @@ def run(args: argparse.Namespace) -> dict:
     busy = sum(phases.values())
     phases["idle_or_host"] = max(0.0, block_ms - busy)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top]
-    summary = {"preset": args.preset, "precision": args.precision, "kv_cache": args.kv_cache, "compile": args.compile,
-               "steps": args.steps, "block_dit_ms": block_ms, "kernel_ms": busy,
+    summary = {"preset": cfg.preset_name, "dtype": cfg.dtype, "precision": cfg.precision, "kv_cache": cfg.kv_cache,
+               "compile": cfg.compile, "steps": pipe.stream.steps, "block_dit_ms": block_ms, "kernel_ms": busy,
                "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
                "top_kernels_ms": dict(top), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "wall_s": time.perf_counter() - t0,
@@ -146,6 +135,5 @@ def run(args: argparse.Namespace) -> dict:
     for name, ms in top:
         print(f"  {ms:>9.1f} ms  {name[:110]}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        write_json(args.out, summary)
     return summary

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from impl.io import write_json
 from repro.hardware import hardware_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,33 +71,12 @@ def record_path(record: dict[str, Any], results_dir: str | Path) -> Path:
     return Path(results_dir) / record["experiment"] / hardware_tag(record["hardware"]) / f"{slug}.json"
 
 
-def write_json_atomic(data: Any, path: Path) -> Path:
-    """Write JSON via a temp file in the same directory + os.replace: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Serialise first so an unserialisable value fails before anything touches the disk.
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
     """Write ``results_dir/<experiment>/<hardware_tag>/<variant_slug>.json`` atomically."""
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"record is missing keys {missing}")
-    return write_json_atomic(record, record_path(record, results_dir))
+    return write_json(record_path(record, results_dir), record)
 
 
 def is_record(data: Any) -> bool:

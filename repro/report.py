@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from impl.io import atomic_path, write_text
+
 from repro.records import load_records
 
 META_COLS = ("hardware",)
@@ -152,18 +154,14 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path
 
 
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG) atomically."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 
@@ -185,9 +183,9 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         if description:
             md += [description, ""]
         md += [to_markdown(df)]
-        out.append(_write_text(root / "tables" / f"{exp}.md", "\n".join(md)))
+        out.append(write_text(root / "tables" / f"{exp}.md", "\n".join(md)))
         csv_path = root / "tables" / f"{exp}.csv"
-        out.append(_write_text(csv_path, df.to_csv(index=False)))
+        out.append(write_text(csv_path, df.to_csv(index=False)))
         png = bar_plot(recs, plot_metric, exp, root / "plots" / f"{exp}.png") if plot_metric else None
         if png is not None:
             out.append(png)
@@ -198,5 +196,5 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
                      + (f"[{exp}.png](../plots/{exp}.png)" if png else "") + " |")
     if not by_exp:
         index.append("| (no records yet) | 0 | | | | |")
-    out.append(_write_text(root / "tables" / "README.md", "\n".join(index) + "\n"))
+    out.append(write_text(root / "tables" / "README.md", "\n".join(index) + "\n"))
     return out

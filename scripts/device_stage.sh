@@ -20,6 +20,11 @@ run() { timeout "${LIMIT:-560}" python3 -m repro run "$@" --results /tmp/res --n
 case $stage in
   tests)    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests_gpu.log"
             python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;
+  fast-tests)  # the GPU tests of the fast paths (FP8 attention, CUDA graphs, light decoders)
+            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_fast_paths.py tests/test_gpu.py \
+              2>&1 | tee "$OUT/tests_fast_paths.log" | tail -15 ;;
+  attn)     run experiments/attention_kernels.yaml "$@" ;;
+  realtime) run experiments/realtime.yaml "$@" ;;
   kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;
   profile)  name=$1; shift  # profile NAME [repro profile args]: writes $OUT/rec/profile_NAME.json
             mkdir -p /tmp/res/profiles
@@ -71,6 +76,21 @@ case $stage in
               group "$name" --only train_precision=bf16 "${args[@]}" --measure shared_device=true "${extra[@]}" &
             done
             wait; tail -n 2 /tmp/logs/*.log; tar czf "$OUT/eval_logs.tgz" -C /tmp/logs . ;;
+  quality-fast)  # quality-fast [--measure k=v ...]: the quality_fast_paths spec in one call: the VAE, then
+            # the detector, the teacher and the three light decoders side by side, then the rows as
+            # concurrent groups (the DiT speed of those rows is recorded as dit_fps_shared_gpu).
+            end=$((SECONDS + ${LIMIT:-560})); mkdir -p /tmp/logs; spec=experiments/quality_fast_paths.yaml
+            piece() { timeout $((end - SECONDS)) python3 -m repro.quality.proxy --spec $spec --device cuda \
+                        --no-progress --pieces "$1" "${@:2}" > "/tmp/logs/train_$1.log" 2>&1
+                      local rc=$?; echo "$1: exit $rc at ${SECONDS}s"; return $rc; }
+            piece vae "$@" && { for p in detector teacher lightvae_p50 lightvae_p75 tae; do piece $p "$@" & done; wait; }
+            for g in "decoder=wan attention=sdpa model=teacher" "model=real" "decoder=lightvae_p50" "decoder=lightvae_p75" \
+                     "decoder=tae" "attention=fp8_emulated" "attention=fp8_triton"; do
+              args=(); for kv in $g; do args+=(--only "$kv"); done
+              timeout $((end - SECONDS)) python3 -m repro run $spec --results /tmp/res --no-progress \
+                --commit "${COMMIT:-unknown}" "${args[@]}" --measure shared_device=true "$@" > "/tmp/logs/eval_${g// /_}.log" 2>&1 &
+            done
+            wait; tail -n 2 /tmp/logs/*.log; tar czf "$OUT/quality_fast_logs.tgz" -C /tmp/logs . ;;
   quality-train)  # quality-train [--pieces vae detector ...] [--measure k=v ...]: train proxy pieces
             # only (a call each when the whole schedule outlasts one device call); cache as above.
             timeout "${LIMIT:-560}" python3 -m repro.quality.proxy --device cuda --no-progress "$@" \

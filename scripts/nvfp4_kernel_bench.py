@@ -53,17 +53,6 @@ def record(name: str, ms: float, nbytes: float | None = None, flops: float | Non
     return row
 
 
-def with_tune(overrides: dict, fn):
-    old = dict(T.TUNE)
-    T.TUNE.clear()
-    T.TUNE.update(overrides)
-    try:
-        return fn()
-    finally:
-        T.TUNE.clear()
-        T.TUNE.update(old)
-
-
 def quant_bytes(n: int, elt: int) -> int:
     return n * elt + n // 2 + n // 16
 
@@ -99,13 +88,11 @@ def main() -> None:
             for rule, cfgs in (("static_6", [(2048, 4, 128), (4096, 4, 128), (4096, 8, 128), (8192, 8, 128),
                                              (4096, 4, 256)]),
                                ("mse", [(2048, 4, 128), (4096, 4, 128), (4096, 8, 128), (2048, 4, 64)])):
-                key = "quant_elems_err" if rule == "mse" else "quant_elems"
-                wkey = "quant_warps_err" if rule == "mse" else "quant_warps"
                 for el, nw, bk in cfgs:
                     if bk > shape[1]:
                         continue
-                    tune = {key: el, wkey: nw, "quant_block_k": bk}
-                    ms = with_tune(tune, lambda: bench(lambda: T.quantize(x, rule, amax=amax)))
+                    tune = T.QuantTuning(block_k=bk, elems=el, warps=nw)
+                    ms = bench(lambda: T.quantize(x, rule, amax=amax, tuning=tune))
                     record(f"  sweep quantize {rule} {label} elems={el} warps={nw} bk={bk}", ms, nb)
         del x
 
@@ -119,8 +106,8 @@ def main() -> None:
            bench(lambda: Q.dequantize(t, torch.bfloat16)), nb)
     if args.sweep:
         for el, nw in ((4096, 4), (16384, 8)):
-            ms = with_tune({"deq_elems": el, "deq_warps": nw},
-                           lambda: bench(lambda: T.dequantize(t, torch.bfloat16, out=out)))
+            tune = T.DequantTuning(elems=el, warps=nw)
+            ms = bench(lambda: T.dequantize(t, torch.bfloat16, out=out, tuning=tune))
             record(f"  sweep dequantize elems={el} warps={nw}", ms, nb)
     del x, t, out
 
@@ -137,8 +124,8 @@ def main() -> None:
            bench(lambda: T.dequantize_kv(kv_out, packed, scales, gd, tpb)), nb)
     if args.sweep:
         for bt, nw in ((8, 2), (16, 4), (32, 4), (32, 8)):
-            ms = with_tune({"kv_block_t": bt, "kv_warps": nw},
-                           lambda: bench(lambda: T.dequantize_kv(kv_out, packed, scales, gd, tpb)))
+            tune = T.KVDequantTuning(block_t=bt, warps=nw)
+            ms = bench(lambda: T.dequantize_kv(kv_out, packed, scales, gd, tpb, tuning=tune))
             record(f"  sweep dequantize_kv block_t={bt} warps={nw}", ms, nb)
     del pbuf, sbuf, kv_out
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from impl.config import get_preset
+from impl.inference.build import pipeline_for_model
 from impl.model.dit import CausalWanDiT
 from impl.parallel.groups import build_groups
-from impl.pipeline import StreamingPipeline
 from impl.train.dmd import DMDConfig, DMDTrainer
 from impl.train.lora import LoraSpec, add_lora, lora_state_dict
 from dist_harness import run_distributed
@@ -43,7 +43,7 @@ def _trainer(batch=1, groups=None, **cfg):
 def test_rollout_without_exit_is_the_inference_pipeline():
     tr = _trainer()
     noise = torch.randn(1, PRESET.dit.in_channels, 3 * PRESET.stream.frames_per_block, *PRESET.latent_hw)
-    pipe = StreamingPipeline(tr.student, tr.preset, text_embedder=tr.embed)
+    pipe = pipeline_for_model(tr.student, tr.pipe.cfg, text_embedder=tr.embed)
     ref = pipe.generate(PROMPTS, noise=noise, decode=False).latents
     assert torch.equal(tr.pipe.rollout(PROMPTS, noise, None).cpu(), ref)
 
@@ -106,7 +106,7 @@ def test_config_errors():
 def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
     """AR checkpoint -> distill -> student LoRA file -> few-step generation (fp8 merges first)."""
     from impl.train.config import TrainConfig
-    from impl.train.data import SyntheticLatentSource
+    from impl.train.synthetic import SyntheticLatentSource
     from impl.train.distill import main as distill
     from impl.train.lora import read_lora_metadata
     from impl.train.trainer import Trainer
@@ -115,7 +115,7 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
     h, w = PRESET.latent_hw
     src = SyntheticLatentSource(PRESET.dit.in_channels, 8, h, w, PRESET.text.max_length, PRESET.dit.text_dim,
                                 frames_per_block=PRESET.stream.frames_per_block, length=1)
-    Trainer(TrainConfig(frames=8, precision="fp32", steps=1), out_dir=tmp_path / "ar").fit(src, progress=False)
+    Trainer(TrainConfig(frames=8, dtype="fp32", steps=1), out_dir=tmp_path / "ar").fit(src, progress=False)
     ckpt = tmp_path / "ar" / "checkpoint_000001"
     out = tmp_path / "dmd"
     assert distill(["--teacher", str(ckpt), "--sampling-steps", "2", "--iters", "2", "--blocks", "2",
@@ -125,8 +125,8 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
     assert spec.rank == 4 and meta["training_steps"] == "2" and meta["role"] == "student"
     for quant in ("bf16", "fp8"):
         assert repro_main(["generate", "--shot", "a red ball::2", "--dit", str(ckpt / "model.safetensors"),
-                           "--lora", str(out / "student_lora.safetensors"), "--steps", "2", "--quant", quant,
-                           "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / f"{quant}.mp4")]) == 0
+                           "--lora", str(out / "student_lora.safetensors"), "--steps", "2", "--precision", quant,
+                           "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / f"{quant}.mp4")]) == 0
     assert distill(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 

@@ -6,7 +6,8 @@ import torch
 from impl.config import get_preset
 from impl.model.dit import CausalWanDiT
 from impl.model.vae import StreamingDecoder, build_vae
-from impl.pipeline import StreamingPipeline
+from impl.inference.build import pipeline_for_model
+from impl.inference.config import InferenceConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,8 @@ def test_cuda_bf16_streaming_matches_cpu_float64():
     text = torch.randn(1, 16, preset.dit.text_dim, dtype=torch.float64)
     outs = {}
     for name, model, device in (("ref", ref, "cpu"), ("gpu", gpu, "cuda")):
-        pipe = StreamingPipeline(model, preset, text_embedder=lambda p, d=device: text.to(d), device=device)
+        cfg = InferenceConfig(preset=preset, dtype="fp64" if device == "cpu" else "bf16")
+        pipe = pipeline_for_model(model, cfg, device, text_embedder=lambda p, d=device: text.to(d))
         outs[name] = pipe.generate(["a prompt"] * 6, seed=3, decode=False,
                                    latent_dtype=torch.float64 if device == "cpu" else torch.float32).latents
     assert torch.isfinite(outs["gpu"]).all()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from impl.config import ConfigError, StreamConfig, get_preset
 from impl.model.dit import CausalWanDiT
-from impl.model.kv_cache import KVCache
+from impl.model.kv_cache import BF16Store, KVCache, NVFP4Slots, NVFP4Store, kv_amax, quantize_kv
 from impl.quant import nvfp4
 from impl.quant.nvfp4 import QuantFormatError
 
@@ -130,3 +128,23 @@ def test_bad_storage_and_shapes_give_clear_errors():
     c = cache("nvfp4")
     with pytest.raises(RuntimeError, match="write"):
         c.read(0, c.begin_block(0))
+
+
+def test_storage_is_chosen_once_and_exposed_through_the_store():
+    bf16, fp4 = cache("bf16"), cache("nvfp4")
+    assert isinstance(bf16.store, BF16Store) and bf16.k is bf16.store.k and bf16.k.dtype == torch.float32
+    assert isinstance(fp4.store, NVFP4Store) and isinstance(fp4.k, NVFP4Slots) and isinstance(fp4.v, NVFP4Slots)
+    assert fp4.k.packed.shape == (2, 2, H, 4 * TPB, D // 2) and fp4.k.global_scale.shape == (2, 2, 4)
+    k, v = kv(3)
+    amax = kv_amax(k, v)
+    codes = (quantize_kv(k, amax[0], "mse"), quantize_kv(v, amax[1], "mse"))
+    with pytest.raises(ValueError, match="codes"):
+        bf16.write(0, bf16.begin_block(0), k, v, codes)
+    # pre-quantized codes are stored as they are: the same bytes as quantizing in write()
+    other = cache("nvfp4")
+    fp4.write(1, fp4.begin_block(0), k, v, codes)
+    other.write(1, other.begin_block(0), k, v)
+    for name in ("k", "v"):
+        mine, ref = getattr(fp4, name), getattr(other, name)
+        assert torch.equal(mine.packed, ref.packed) and torch.equal(mine.global_scale, ref.global_scale)
+        assert torch.equal(mine.scales.view(torch.uint8), ref.scales.view(torch.uint8))

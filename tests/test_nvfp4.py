@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from impl.quant import nvfp4
+from impl import modes
+from impl.quant import nvfp4, triton_nvfp4
 from impl.quant.hadamard import apply_rht, rht_matrix
 from impl.quant.nvfp4 import QuantFormatError, ScaleRule
 from impl.quant.nvfp4_reference import dequantize_reference, e4m3_table, quantize_reference
@@ -218,3 +223,31 @@ def test_chunked_torch_quantize_is_bit_identical(monkeypatch, tile_2d, stochasti
     assert torch.equal(chunked.packed, whole.packed)
     assert torch.equal(chunked.scales.view(torch.uint8), whole.scales.view(torch.uint8))
     assert torch.equal(chunked.global_scale, whole.global_scale)
+
+
+def test_scale_rules_are_the_mode_vocabulary():
+    assert tuple(nvfp4.SCALE_RULES) == modes.choices(modes.ScaleRule)
+    assert RULES == list(modes.choices(modes.ScaleRule))
+
+
+def test_triton_kernels_build_on_the_format_module_alone():
+    """No import circle: the kernels module needs nvfp4_format, never the PyTorch quantizer."""
+    code = ("import sys, impl.quant.triton_nvfp4; "
+            "assert 'impl.quant.nvfp4' not in sys.modules, 'triton_nvfp4 imported impl.quant.nvfp4'; "
+            "assert 'impl.quant.nvfp4_format' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_kernel_tuning_is_explicit_and_validated():
+    assert not hasattr(triton_nvfp4, "TUNE")
+    assert triton_nvfp4.QuantTuning().shape(64) == (32, 64, 4)
+    assert triton_nvfp4.QuantTuning().shape(3072) == (16, 128, 4)
+    assert triton_nvfp4.QuantTuning(block_k=256, elems=4096, warps=8).shape(3072) == (16, 256, 8)
+    assert triton_nvfp4.DequantTuning().shape(96) == (64, 128, 8)
+    assert triton_nvfp4.KVDequantTuning().shape(128) == (16, 4)
+    with pytest.raises(QuantFormatError, match="block_k"):
+        triton_nvfp4.QuantTuning(block_k=8)
+    with pytest.raises(QuantFormatError, match="warps"):
+        triton_nvfp4.DequantTuning(warps=3)
+    with pytest.raises(QuantFormatError, match="block_t"):
+        triton_nvfp4.KVDequantTuning(block_t=0)

@@ -5,7 +5,9 @@ from impl.config import get_preset
 from impl.model.dit import CausalWanDiT
 from impl.model.text_encoder import TextEncoder
 from impl.model.vae import build_vae
-from impl.pipeline import StreamingPipeline, shot_prompts
+from impl.inference.build import pipeline_for_model
+from impl.inference.config import InferenceConfig
+from impl.pipeline import shot_prompts
 from impl.video_io import read_video
 
 
@@ -22,7 +24,8 @@ def parts():
 def make_pipe(parts, **stream):
     preset, model, text, vae = parts
     preset = preset.replace(stream=stream) if stream else preset
-    return StreamingPipeline(model, preset, text_embedder=lambda p: text.encode([p]), vae=vae)
+    return pipeline_for_model(model, InferenceConfig(preset=preset, dtype="fp32"),
+                              text_embedder=lambda p: text.encode([p]), vae=vae)
 
 
 def test_shot_prompts_mark_scene_cuts():
@@ -91,9 +94,11 @@ def test_euler_sampler_and_two_steps_run(parts):
 
 def test_bad_calls_fail_clearly(parts):
     preset, model, text, _ = parts
-    no_vae = StreamingPipeline(model, preset, text_embedder=lambda p: text.encode([p]))
+    no_vae = pipeline_for_model(model, InferenceConfig(preset=preset, dtype="fp32"),
+                                text_embedder=lambda p: text.encode([p]))
     with pytest.raises(ValueError, match="need a VAE"):
-        no_vae.generate(["x"])
+        no_vae.generate(["x"], decode=True)
+    assert no_vae.generate(["x"]).frames is None   # decode defaults to "if there is a VAE"
     pipe = make_pipe(parts)
     with pytest.raises(ValueError, match="at least one block"):
         pipe.generate([])

@@ -26,15 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch import nn
+
 from dist_harness import run_distributed
-from impl.config import get_preset
+from impl.config import ConfigError, get_preset
+from impl.inference.build import Weights, build_pipeline
+from impl.inference.config import InferenceConfig, allowed_sp_sizes, check_sp_size
 from impl.model.attention import TextContext
-from impl.model.dit import CausalWanDiT
 from impl.parallel.groups import ParallelConfigError, build_groups, single_process
 from impl.parallel.sp_exchange import SPExchange, block_bytes, shard_context, shard_frames, token_range
-from impl.parallel.sp_inference import (SPInference, SPInferenceConfig, allowed_sp_sizes, check_sp_inference,
-                                        dp_shard, main, random_text_embedder)
-from impl.pipeline import StreamingPipeline, shot_prompts
+from impl.parallel.sp_inference import SPInference, dp_shard, main
+from impl.pipeline import shot_prompts
 
 # 6 blocks, window 4, sink 1: block 2 opens shot 2 and is pinned, blocks 1 and 3 get evicted.
 SHOTS = [("a red fox in the snow", 2), ("a grey owl at night", 4)]
@@ -49,9 +51,13 @@ def _preset(guidance: float = 1.0):
     return get_preset("tiny").replace(stream={"guidance_scale": guidance, "steps": 2})
 
 
-def _model(preset):
-    torch.manual_seed(0)
-    return CausalWanDiT(preset.dit, dtype=torch.float64).eval()
+def _config(guidance: float = 1.0, **kw) -> InferenceConfig:
+    """float64, random weights from seed 0 (Weights' default), 2 steps."""
+    return InferenceConfig(preset="tiny", steps=2, guidance_scale=guidance, dtype="fp64", **kw)
+
+
+# Random weights from seed 0, a fixed CRC-seeded random embedding per prompt.
+WEIGHTS = Weights(text="embedding")
 
 
 def _prompts(preset, shots=SHOTS):
@@ -62,14 +68,13 @@ def _cache_state(cache) -> dict[str, torch.Tensor]:
     if cache.storage == "bf16":
         return {"k": cache.k.clone(), "v": cache.v.clone()}
     return {f"{n}_{part}": getattr(s, part).clone().view(torch.uint8) if part == "scales" else getattr(s, part).clone()
-            for n, s in cache._fp4.items() for part in ("packed", "scales", "global_scale")}
+            for n, s in (("k", cache.k), ("v", cache.v)) for part in ("packed", "scales", "global_scale")}
 
 
 def _sp_generate(groups, kv_cache, kv_comm, guidance):
-    preset = _preset(guidance)
-    sp = SPInference(_model(preset), preset, groups, text_embedder=random_text_embedder(preset, torch.float64, "cpu"),
-                     config=SPInferenceConfig(groups.sp_size, kv_cache, kv_comm))
-    res = sp.generate(_prompts(preset), seed=SEED, decode=False)
+    cfg = _config(guidance, kv_cache=kv_cache, kv_comm=kv_comm, sp_size=groups.sp_size)
+    sp = SPInference(cfg, groups, weights=WEIGHTS, decode=False)
+    res = sp.generate(_prompts(cfg.stream_preset), seed=SEED, decode=False)
     return res.latents, dict(sp.exchange.sent), _cache_state(sp.cache)
 
 
@@ -88,15 +93,13 @@ def _exchange_ratio(groups):
     return sent
 
 
-class _StubVAE:
+class _StubVAE(nn.Module):
     """Stands in for the VAE where only its placement is checked (no decode is run)."""
 
 
 def _vae_placement(groups):
-    preset = _preset()
-    torch.manual_seed(0)
-    sp = SPInference(CausalWanDiT(preset.dit).eval(), preset, groups, vae=_StubVAE(),
-                     text_embedder=random_text_embedder(preset, torch.float32, "cpu"), config=SPInferenceConfig(groups.sp_size))
+    cfg = InferenceConfig(preset="tiny", steps=2, dtype="fp32", sp_size=groups.sp_size)
+    sp = SPInference(cfg, groups, weights=Weights(vae=_StubVAE(), text="embedding"))
     has_vae = sp.pipeline.vae is not None
     # Every rank runs the block (the root without decoding: the stub cannot); a non-root rank
     # asked to decode just returns latents.
@@ -116,8 +119,7 @@ def _worker(rank, world):
     # each DP group generates its own share of the videos
     preset = _preset()
     mine = dp_shard(len(DP_VIDEOS), groups.dp_size, groups.dp_rank)
-    spi = SPInference(_model(preset), preset, groups, text_embedder=random_text_embedder(preset, torch.float64, "cpu"),
-                      config=SPInferenceConfig(2))
+    spi = SPInference(_config(sp_size=2), groups, weights=WEIGHTS, decode=False)
     out["dp"] = {i: spi.generate(_prompts(preset, DP_VIDEOS[i]), seed=SEED + i, decode=False).latents for i in mine}
     return out
 
@@ -136,8 +138,7 @@ def _reference(kv_cache, guidance, exchange: str | None = None, shots=SHOTS, see
     """One process; ``exchange="nvfp4"`` routes the forward through a one-rank NVFP4 exchange."""
     preset = _preset(guidance)
     sp = None if exchange is None else SPExchange(None, 1, 0, kv_comm=exchange)
-    pipe = StreamingPipeline(_model(preset), preset, text_embedder=random_text_embedder(preset, torch.float64, "cpu"),
-                             kv_cache=kv_cache, sp=sp)
+    pipe = build_pipeline(_config(guidance, kv_cache=kv_cache), "cpu", WEIGHTS, decode=False, sp=sp)
     with _one_thread():
         res = pipe.generate(_prompts(preset, shots), seed=seed, decode=False)
     return res.latents, _cache_state(pipe._cache)
@@ -187,21 +188,20 @@ def test_sp_generation_equals_one_process():
 def test_bad_sizes_are_clear_errors():
     tiny = get_preset("tiny")
     assert allowed_sp_sizes(tiny) == [1, 2, 4]
-    with pytest.raises(ParallelConfigError, match="dit.num_heads=4"):
-        check_sp_inference(tiny, 3)
+    with pytest.raises(ConfigError, match="dit.num_heads=4"):
+        check_sp_size(tiny, 3)
     odd = tiny.replace(video={"height": 96, "width": 64},
                        stream={"frames_per_block": 1, "kv_window_frames": 4, "sink_frames": 1})
-    with pytest.raises(ParallelConfigError, match="frames_per_block=1"):
-        check_sp_inference(odd, 4)   # 4 heads split, 6 tokens do not
-    with pytest.raises(ParallelConfigError, match="sp_size"):
-        SPInferenceConfig(0)
-    with pytest.raises(ParallelConfigError, match="kv_comm"):
-        SPInferenceConfig(2, "bf16", "nvfp4")
+    with pytest.raises(ConfigError, match="frames_per_block=1"):
+        check_sp_size(odd, 4)   # 4 heads split, 6 tokens do not
+    with pytest.raises(ConfigError, match="sp_size"):
+        InferenceConfig(sp_size=0)
+    with pytest.raises(ConfigError, match="kv_comm"):
+        InferenceConfig(sp_size=2, kv_cache="bf16", kv_comm="nvfp4")
     with pytest.raises(ParallelConfigError, match="sp_size"):
         build_groups(2)  # no process group
     with pytest.raises(ParallelConfigError, match="sp_size"):
-        SPInference(CausalWanDiT(tiny.dit), tiny, single_process(), text_embedder=lambda p: None,
-                    config=SPInferenceConfig(2))
+        SPInference(InferenceConfig(sp_size=2), single_process())
     with pytest.raises(ParallelConfigError, match="SP process group"):
         SPExchange(None, 2, 0)
 
@@ -248,7 +248,7 @@ def test_cli_single_process_and_errors(tmp_path, capsys):
     assert "kv_cache='nvfp4'" in capsys.readouterr().err
     assert main(["--shot", "x::0", "--out", str(tmp_path)]) == 2
     with _one_thread():
-        rc = main(["--preset", "tiny", "--precision", "fp32", "--shot", "a cat::2", "--shot", "a dog", "--no-decode",
+        rc = main(["--preset", "tiny", "--dtype", "fp32", "--shot", "a cat::2", "--shot", "a dog", "--no-decode",
                    "--save-latents", "--warmup-blocks", "1", "--out", str(tmp_path / "o"),
                    "--metrics-out", str(tmp_path / "m.json")])
     assert rc == 0
@@ -283,7 +283,7 @@ def test_measured_benchmark_launches_torchrun():
     from repro.benchmarks.sp_inference import SP_INFERENCE, run_sp_inference
     from repro.spec import load_spec
     load_spec(SPEC / "sp_inference.yaml")
-    variant = {**SP_INFERENCE.defaults(), "sp_size": 2, "kv_cache": "nvfp4", "precision": "fp32"}
+    variant = {**SP_INFERENCE.defaults(), "sp_size": 2, "kv_cache": "nvfp4", "dtype": "fp32"}
     measure = {**SP_INFERENCE.measure_defaults(), "warmup_blocks": 1, "blocks": 1, "decode": False, "timeout_s": 300.0}
     m = run_sp_inference(variant, measure, {"device": "cpu"})
     assert m["kv_comm"] == "nvfp4" and m["comm_bytes_match_analytic"] and m["dit_fps"] > 0
@@ -322,10 +322,10 @@ def test_nvfp4_exchange_on_cuda_matches_the_cache():
     mine.write(0, plan, kx, vx, codes)
     for name in ("k", "v"):
         for part in ("packed", "scales", "global_scale"):
-            assert torch.equal(getattr(mine._fp4[name], part).view(torch.uint8) if part == "scales" else
-                               getattr(mine._fp4[name], part),
-                               getattr(ref._fp4[name], part).view(torch.uint8) if part == "scales" else
-                               getattr(ref._fp4[name], part)), (name, part)
+            assert torch.equal(getattr(getattr(mine, name), part).view(torch.uint8) if part == "scales" else
+                               getattr(getattr(mine, name), part),
+                               getattr(getattr(ref, name), part).view(torch.uint8) if part == "scales" else
+                               getattr(getattr(ref, name), part)), (name, part)
     plan2 = ref.begin_block(1)
     mine.begin_block(1)
     ref.write(0, plan2.attention_only(), k, v)

@@ -38,7 +38,7 @@ def test_both_layouts_train_the_same_model_through_torchrun(data):
     measure = {**SP_TRAINING.measure_defaults(), "warmup_steps": 1, "steps": 2, "timeout_s": 300.0}
     runs = {}
     for layout in ("balanced", "naive"):
-        variant = {**SP_TRAINING.defaults(), "sp_size": 2, "sp_layout": layout, "frames": 8, "precision": "fp32",
+        variant = {**SP_TRAINING.defaults(), "sp_size": 2, "sp_layout": layout, "frames": 8, "dtype": "fp32",
                    "data": data}
         runs[layout] = run_sp_training(variant, measure, {"device": "cpu"})
     for m in runs.values():
@@ -60,6 +60,9 @@ def test_launch_command_and_variant_errors(tmp_path):
         run_sp_training({**variant, "frames": 48}, measure, {"device": "cpu"})
     with pytest.raises(ValueError, match="attention heads"):
         run_sp_training({**variant, "sp_size": 5, "frames": 200}, measure, {"device": "cpu"})
+    assert "--dtype bf16 --precision fp8" in joined
+    with pytest.raises(ValueError, match=r"TrainConfig\.precision: 'fp8' .* got dtype 'fp32'"):   # before launching
+        run_sp_training({**variant, "dtype": "fp32"}, measure, {"device": "cpu"})
 
 
 @pytest.mark.gpu
@@ -77,7 +80,7 @@ def test_training_cli_writes_the_metrics_summary(tmp_path):
     out = tmp_path / "m.json"
     assert main(["--preset", "tiny", "--frames", "4", "--steps", "1", "--data", "synthetic-latents",
                  "--checkpoint-every", "0", "--out", str(tmp_path / "run"), "--metrics-out", str(out),
-                 "--no-progress", "--precision", "fp32"]) == 0
+                 "--no-progress", "--dtype", "fp32"]) == 0
     summary = json.loads(out.read_text())
     assert summary["world_size"] == 1 and summary["sp_size"] == 1 and len(summary["peak_mem_gb_per_rank"]) == 1
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 1

@@ -9,14 +9,14 @@ from impl.config import get_preset
 from impl.model.text_encoder import TextEncoder
 from impl.model.vae import build_vae
 from impl.parallel.groups import build_groups
-from impl.train.__main__ import main
+from impl.train.__main__ import build_config, build_parser, main, parse_args
 from impl.train.config import TrainConfig
-from impl.train.data import SyntheticVideoSource
 from impl.train.encode import ClipEncoder
+from impl.train.synthetic import SyntheticVideoSource
 from impl.train.trainer import Trainer
 from dist_harness import run_distributed
 
-ARGS = ["--preset", "tiny", "--frames", "8", "--precision", "fp32", "--data", "synthetic-video",
+ARGS = ["--preset", "tiny", "--frames", "8", "--dtype", "fp32", "--data", "synthetic-video",
         "--data-length", "2", "--no-progress"]
 
 
@@ -36,12 +36,44 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert main([*ARGS, "--config", str(cfg), "--out", str(tmp_path)]) == 2
 
 
+def test_cli_dtype_and_precision_flags(tmp_path, capsys):
+    cfg = build_config(parse_args(["--dtype", "fp64", "--data", "synthetic-latents", "--out", str(tmp_path)]))
+    assert (cfg.dtype, cfg.precision) == ("fp64", "bf16")
+    cfg = build_config(parse_args(["--precision", "fp8", "--data", "synthetic-latents", "--out", str(tmp_path)]))
+    assert (cfg.dtype, cfg.precision) == ("bf16", "fp8")
+    # The old spelling of a dtype as --precision is refused with the new flag named.
+    assert main([*ARGS, "--precision", "fp64", "--out", str(tmp_path)]) == 2
+    assert "use --dtype fp64" in capsys.readouterr().err
+    assert main([*ARGS, "--precision", "fp8", "--out", str(tmp_path)]) == 2      # ARGS has --dtype fp32
+    assert "TrainConfig.precision" in capsys.readouterr().err
+    # A config file from before the split loads with its dtype; flags still override it.
+    old = tmp_path / "old.yaml"
+    old.write_text("precision: fp32\nframes: 16\n")
+    cfg = build_config(parse_args(["--config", str(old), "--data", "synthetic-latents", "--out", str(tmp_path)]))
+    assert (cfg.dtype, cfg.precision, cfg.frames) == ("fp32", "bf16", 16)
+    cfg = build_config(parse_args(["--config", str(old), "--dtype", "fp64", "--data", "x", "--out", str(tmp_path)]))
+    assert (cfg.dtype, cfg.precision) == ("fp64", "bf16")
+
+
+def test_cli_help_lists_allowed_values_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("one of bf16, fp32, fp64 (default: bf16)", "one of bf16, fp8, nvfp4_emulated, nvfp4_te (default: bf16)",
+                 "one of balanced, naive (default: balanced)", "one of auto, dense, flex (default: auto)",
+                 "(default: 600)", "(default: 28)"):
+        assert part in text
+    flags = [a for a in build_parser()._actions if a.dest != "help"]
+    undocumented = [a.dest for a in flags if not a.help or not ("(default:" in a.help or "(required)" in a.help)]
+    assert flags and not undocumented
+
+
 def _video_loss(rank, world, sp, kind):
     preset = get_preset("tiny")
     groups = build_groups(sp)
     enc = ClipEncoder(build_vae(preset.vae, dtype=torch.float64, seed=0),
                       TextEncoder.from_preset(preset.text, dtype=torch.float64), halo=28)
-    cfg = TrainConfig(frames=8, precision="fp64", steps=1, sp_size=sp, sp_layout=kind, ema_start_step=None)
+    cfg = TrainConfig(frames=8, dtype="fp64", steps=1, sp_size=sp, sp_layout=kind, ema_start_step=None)
     trainer = Trainer(cfg, groups=groups, encoders=enc)
     src = SyntheticVideoSource(8, preset.stream.frames_per_block, preset.video.height, preset.video.width,
                                length=2, seed=0, shots_per_clip=2)

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from impl.config import ConfigError
+from impl.config import ConfigError, raw_frames_for_latents
 from impl.parallel.groups import ParallelGroups
-from impl.train.data import (
-    DatasetError, LatentSample, ShardedSampler, Shot, SourceVideo, SyntheticLatentSource,
-    SyntheticVideoSource, VideoClip, VideoFolderDataset, block_prompts_for_shots,
-    latent_to_raw_frame, parse_caption_sidecar, raw_frames_for_latents, resize_center_crop,
-    root_only_loader, write_video_folder,
-)
+from impl.train.captions import Shot, block_prompts_for_shots, parse_caption_sidecar
+from impl.train.clip_geometry import ClipGeometry, latent_to_raw_frame, resize_center_crop
+from impl.train.data_util import DatasetError
+from impl.train.sampler import ShardedSampler, root_only_loader
+from impl.train.samples import LatentSample, VideoClip
+from impl.train.synthetic import SyntheticLatentSource, SyntheticVideoSource
+from impl.train.video_folder import SourceVideo, VideoFolderDataset, write_video_folder
 from impl.video_io import read_video
 
 
@@ -54,6 +55,39 @@ def test_raw_frame_arithmetic():
     assert raw_frames_for_latents(3, temporal_factor=2) == 5
     with pytest.raises(ConfigError, match="num_latent_frames"):
         raw_frames_for_latents(0)
+
+
+def test_clip_geometry_is_the_arithmetic_every_source_used():
+    # The values the folder dataset, the synthetic and the procedural sources computed inline
+    # before they shared ClipGeometry: raw frames 1 + tf (F - 1), blocks F / fpb, and block j
+    # starting at raw frame latent_to_raw_frame(j * fpb).
+    for f, fpb, tf in ((8, 2, 4), (12, 3, 4), (6, 1, 2), (4, 4, 4), (1, 1, 4)):
+        g = ClipGeometry(f, fpb, 32, 48, tf)
+        assert g.num_raw_frames == raw_frames_for_latents(f, tf) == 1 + tf * (f - 1)
+        assert g.num_blocks == f // fpb
+        assert [g.block_start_frame(j) for j in range(g.num_blocks)] == \
+            [latent_to_raw_frame(j * fpb, tf) for j in range(g.num_blocks)]
+    g = ClipGeometry(8, 2, 32, 48)
+    assert g.num_raw_frames == 29 and g.num_blocks == 4
+    assert [g.block_start_frame(j) for j in range(4)] == [0, 5, 13, 21]
+    assert g.shot_bounds([0, 2, 3]) == [0, 13, 21, 29]
+    with pytest.raises(ConfigError, match=r"^VideoFolderDataset\.num_latent_frames: must be a multiple of "
+                                          r"frames_per_block=2, got 5"):
+        ClipGeometry(5, 2, 32, 48, owner="VideoFolderDataset")
+    with pytest.raises(ConfigError, match=r"^ClipGeometry\.width: must be an integer >= 1"):
+        ClipGeometry(4, 2, 32, 0)
+    # Every raw-clip source reads the same geometry and cuts shots on block starts.
+    from impl.train.procedural import ProceduralVideoSource
+    syn = SyntheticVideoSource(8, 2, 32, 48, length=2, seed=3, shots_per_clip=3)
+    proc = ProceduralVideoSource(8, 2, 32, 48, length=2, seed=3, shots_per_clip=3)
+    for src in (syn, proc):
+        assert (src.num_latent_frames, src.frames_per_block, src.temporal_factor, src.num_raw_frames,
+                src.n_blocks, src.height, src.width) == (8, 2, 4, 29, 4, 32, 48)
+        assert src.geometry == g
+        for i in range(2):
+            starts = [s.start_frame for s in src.shots(i)]
+            assert len(starts) == 3 and set(starts) <= {0, 5, 13, 21} and starts[0] == 0
+            assert src[i].frames.shape == (29, 32, 48, 3)
 
 
 def test_block_prompts_for_shots():

@@ -7,7 +7,7 @@ from impl.config import get_preset
 from impl.parallel.attention import FlexMasked, MaskedSDPA
 from impl.parallel.layout import TeacherForcingLayout, dense_mask
 from impl.train.config import TrainConfig
-from impl.train.data import SyntheticLatentSource
+from impl.train.synthetic import SyntheticLatentSource
 from impl.train.trainer import Trainer
 
 pytestmark = pytest.mark.gpu

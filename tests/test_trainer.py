@@ -1,14 +1,17 @@
 """The teacher-forcing trainer: learning, exact resume, SP and DP runs, clear config errors."""
 
+import json
+
 import pytest
 import torch
 
 from impl.config import ConfigError, get_preset
+from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, choices
 from impl.parallel.groups import ParallelConfigError, build_groups
 from impl.train.checkpoint import list_checkpoints
 from impl.train.config import ErrorRecyclingConfig, TrainConfig
-from impl.train.data import SyntheticLatentSource
 from impl.train.flow import FlowSchedule, shared_generator
+from impl.train.synthetic import SyntheticLatentSource
 from impl.train.teacher_forcing import TFInputs, teacher_forcing_loss
 from impl.train.trainer import Trainer
 from dist_harness import run_distributed
@@ -35,7 +38,7 @@ def _eval_loss(trainer: Trainer, sample) -> float:
 
 
 def test_training_lowers_the_loss():
-    cfg = TrainConfig(frames=8, precision="fp32", steps=40, lr=2e-3, beta1=0.9, ema_start_step=None,
+    cfg = TrainConfig(frames=8, dtype="fp32", steps=40, lr=2e-3, beta1=0.9, ema_start_step=None,
                       gradient_checkpointing=False)
     src = _source(length=1)
     trainer = Trainer(cfg)
@@ -46,7 +49,7 @@ def test_training_lowers_the_loss():
 
 
 def _cfg(**kw):
-    base = dict(frames=8, precision="fp64", steps=4, lr=1e-3, beta1=0.9, ema_start_step=1, checkpoint_every=2,
+    base = dict(frames=8, dtype="fp64", steps=4, lr=1e-3, beta1=0.9, ema_start_step=1, checkpoint_every=2,
                 max_checkpoints=2)
     base.update(kw)
     return TrainConfig(**base)
@@ -74,6 +77,29 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     Trainer(_cfg(steps=2), out_dir=tmp_path).fit(_source(dtype=torch.float64), progress=False)
     with pytest.raises(ValueError, match="frames"):
         Trainer(_cfg(frames=16, steps=4), out_dir=tmp_path).fit(_source(frames=16, dtype=torch.float64), progress=False)
+
+
+def _make_checkpoint_old_style(folder):
+    """Rewrite a checkpoint's config as written before dtype was split from precision."""
+    meta_path = folder / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["precision"] = meta["config"].pop("dtype")   # fp64 was a precision then
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_checkpoint_from_before_the_dtype_split_resumes(tmp_path):
+    src = _source(length=3, dtype=torch.float64)
+    straight = Trainer(_cfg())
+    straight.fit(src, progress=False)
+    Trainer(_cfg(steps=2), out_dir=tmp_path).fit(src, progress=False)
+    _make_checkpoint_old_style(tmp_path / "checkpoint_000002")
+    with pytest.raises(ValueError, match="dtype='fp64'"):      # the old fp64 run is not a bf16 run
+        Trainer(_cfg(dtype="bf16"), out_dir=tmp_path).fit(_source(length=3), progress=False)
+    resumed = Trainer(_cfg(), out_dir=tmp_path)
+    resumed.fit(src, progress=False)
+    assert resumed.step == 4
+    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_bf16_master_weights_and_error_recycling_run():
@@ -121,3 +147,36 @@ def test_bad_configs_are_clear_errors():
         Trainer(TrainConfig(sp_size=2))
     with pytest.raises(ParallelConfigError, match="whole"):
         Trainer(TrainConfig(frames=7))
+
+
+def test_dtype_and_precision_are_separate_validated_fields():
+    assert (TrainConfig().dtype, TrainConfig().precision) == ("bf16", "bf16")
+    for dtype in choices(DType):                 # every dtype trains unquantized
+        assert TrainConfig(dtype=dtype).dtype == dtype
+    for precision in choices(TrainPrecision):    # every format trains in bf16
+        assert TrainConfig(precision=precision).precision == precision
+    for field, bad in (("dtype", "fp16"), ("precision", "fp32"), ("precision", "nvfp4_weight_only"),
+                       ("sp_layout", "ring"), ("attention_backend", "sdpa")):
+        with pytest.raises(ConfigError, match=rf"^TrainConfig\.{field}: must be one of .*got '{bad}'"):
+            TrainConfig(**{field: bad})
+    for kind, field in ((SPLayout, "sp_layout"), (TrainAttention, "attention_backend")):
+        for value in choices(kind):
+            assert getattr(TrainConfig(**{field: value}), field) == value
+    for precision in ("fp8", "nvfp4_emulated", "nvfp4_te"):
+        for dtype in ("fp32", "fp64"):
+            with pytest.raises(ConfigError, match=rf"TrainConfig\.precision: '{precision}' .* dtype 'bf16', "
+                                                  rf"got dtype '{dtype}'"):
+                TrainConfig(dtype=dtype, precision=precision)
+
+
+def test_from_dict_reads_configs_from_before_the_dtype_split():
+    for old in ("fp32", "fp64"):
+        cfg = TrainConfig.from_dict({"precision": old})
+        assert (cfg.dtype, cfg.precision) == (old, "bf16")
+        assert TrainConfig.from_dict(TrainConfig(dtype=old).to_dict()) == TrainConfig(dtype=old)   # round trip
+    assert TrainConfig.from_dict({"precision": "fp32", "frames": 16, "lr": 1e-4}) == \
+        TrainConfig(dtype="fp32", precision="bf16", frames=16, lr=1e-4)
+    assert TrainConfig.from_dict({"precision": "fp8"}) == TrainConfig(dtype="bf16", precision="fp8")
+    assert TrainConfig.from_dict({}) == TrainConfig()
+    with pytest.raises(ConfigError, match="TrainConfig.precision"):   # a new dict means what it says
+        TrainConfig.from_dict({"dtype": "fp32", "precision": "fp32"})

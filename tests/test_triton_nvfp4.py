@@ -1,7 +1,7 @@
 """GPU tests of the Triton NVFP4 kernels (impl/quant/triton_nvfp4.py).
 
-The quantizer must equal ``impl.quant.nvfp4._quantize_torch`` bit for bit (packed bytes, scales,
-global scale) for every rule, per-tensor and per-row-group amax; the dequantizers must equal the
+The quantizer must equal the PyTorch path (``nvfp4.quantize(..., backend="torch")``) bit for bit
+(packed bytes, scales, global scale) for every rule, per-tensor and per-row-group amax; the dequantizers must equal the
 torch expressions bit for bit; the weight-only GEMM is checked against an fp32 matmul.
 Data is built to hit the hard cases on purpose: exact E2M1 midpoints, exact E4M3 midpoints,
 4-over-6 error ties, blocks far below the tensor amax, exact zeros and -0.0, outliers, tiny
@@ -64,7 +64,7 @@ def _assert_same(ref: Q.NVFP4Tensor, got: Q.NVFP4Tensor, what: str) -> None:
 
 def _check(x: torch.Tensor, rule: str, amax: torch.Tensor | None = None, what: str = "") -> Q.NVFP4Tensor:
     r = Q.get_rule(rule)
-    ref = Q._quantize_torch(x, r, amax=amax, tile_2d=False, uniform=None)
+    ref = Q.quantize(x, r, amax=amax, backend="torch")
     _poison_allocator()
     got = T.quantize(x, r, amax=amax)
     _assert_same(ref, got, f"{what} rule={rule} dtype={x.dtype} shape={tuple(x.shape)}")
@@ -243,7 +243,7 @@ def test_dequantize_bit_exact(rule, gd_mode):
         amax[0, 0] = 2.0 ** -115      # tiny decode factors: subnormal results
     elif gd_mode == "group":
         amax = x.abs().amax((1, 2), keepdim=True).float()
-    t = Q._quantize_torch(x, Q.get_rule(rule), amax=amax, tile_2d=False, uniform=None)
+    t = Q.quantize(x, rule, amax=amax, backend="torch")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for wg in (True, False):
             ref = Q.dequantize(t, dtype, with_global=wg)
@@ -315,6 +315,26 @@ def test_dequantize_kv_roundtrip_quantize():
     out = torch.full((B, H, Tn, D), float("nan"), dtype=torch.bfloat16, device=DEV)
     T.dequantize_kv(out, t.packed, t.scales, gd, Tn)
     assert torch.equal(_bits(out), _bits(Q.dequantize(t, torch.bfloat16)))
+
+
+def test_launch_tuning_does_not_change_bits():
+    """Tuning is per call and only changes the launch shape, never the result."""
+    x = random_hard((70, 256), 71, torch.bfloat16)
+    ref = Q.quantize(x, "mse", backend="torch")
+    for tune in (T.QuantTuning(block_k=64, elems=4096, warps=8), T.QuantTuning(block_k=256, elems=2048, warps=4)):
+        _assert_same(ref, T.quantize(x, "mse", tuning=tune), f"quantize {tune}")
+    want = Q.dequantize(ref, torch.bfloat16)
+    for tune in (T.DequantTuning(elems=4096, warps=4), T.DequantTuning(block_k=64, elems=16384, warps=8)):
+        assert torch.equal(_bits(T.dequantize(ref, torch.bfloat16, tuning=tune)), _bits(want)), tune
+    B, H, Tn, D = 2, 3, 40, 128
+    t = T.quantize(random_hard((B, H, Tn, D), 72, torch.bfloat16), "static_6",
+                   amax=torch.tensor(3.0, device=DEV))
+    gd = t.global_scale.reshape(1, 1).expand(B, 1).contiguous()
+    want = Q.dequantize(t, torch.bfloat16)
+    for tune in (T.KVDequantTuning(), T.KVDequantTuning(block_t=8, warps=2), T.KVDequantTuning(block_t=32, warps=8)):
+        out = torch.full((B, H, Tn, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+        T.dequantize_kv(out, t.packed, t.scales, gd, Tn, tuning=tune)
+        assert torch.equal(_bits(out), _bits(want)), tune
 
 
 # ---------------------------------------------------------------- weight-only GEMM

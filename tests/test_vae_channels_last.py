@@ -99,7 +99,8 @@ def test_conv_kernels_get_their_own_phase():
 
 
 def test_vae_decode_benchmark_runs_on_cpu():
-    variant = {"preset": "tiny", "dtype": "fp32", "channels_last": False, "cudnn_benchmark": True, "compile": False}
+    variant = {"preset": "tiny", "decoder": "wan", "dtype": "fp32", "channels_last": False, "cudnn_benchmark": True,
+               "compile": False}
     measure = {"warmup_blocks": 1, "blocks": 2, "frames_per_block": 1, "seed": 0}
     benchmark_flag = torch.backends.cudnn.benchmark
     m = run_vae_decode(variant, measure, CPU)
@@ -125,8 +126,9 @@ def test_vae_decode_benchmark_runs_on_cpu():
 def test_vae_decode_spec_expands():
     spec = load_spec(REPO / "experiments" / "vae_decode.yaml")
     cuda = spec.expand("cuda")
-    assert len(cuda) == 5 and {v.values["preset"] for v in cuda} == {"wan22_ti2v_5b"}
-    assert spec.baseline_variant("cuda").values == {"preset": "wan22_ti2v_5b", "dtype": "bf16", "channels_last": False,
-                                                    "cudnn_benchmark": False, "compile": False}
+    assert len(cuda) == 11 and {v.values["preset"] for v in cuda} == {"wan22_ti2v_5b"}
+    assert {v.values["decoder"] for v in cuda} == {"wan", "lightvae_p50", "lightvae_p75", "tae"}
+    assert spec.baseline_variant("cuda").values == {"preset": "wan22_ti2v_5b", "decoder": "wan", "dtype": "bf16",
+                                                    "channels_last": False, "cudnn_benchmark": False, "compile": False}
     cpu = spec.expand("cpu")
     assert all(v.values["dtype"] == "fp32" and not v.values["compile"] for v in cpu)

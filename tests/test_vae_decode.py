@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import impl.vae_decode as vd
-from impl.config import ConfigError, StreamConfig, get_preset
+from impl.config import ConfigError, get_preset
+from impl.inference.config import InferenceConfig
 from impl.model.vae import StreamingDecoder, build_vae
 from impl.vae_decode import DecodedBlock, VAEDecodeError, make_block_decoder
 
@@ -27,9 +28,15 @@ def _latents(blocks: int, batch: int = 1, seed: int = 1, dtype=torch.float64, de
     return torch.randn(batch, 8, blocks * BLOCK, 4, 4, generator=g, dtype=dtype).to(device)
 
 
+def _make(vae, mode="sync", device=None, queue_depth=2, *, on_frames):
+    """A block decoder with these decode settings (validated by InferenceConfig)."""
+    cfg = InferenceConfig(vae_mode=mode, vae_device=device, vae_queue_depth=queue_depth)
+    return make_block_decoder(vae, cfg, on_frames=on_frames)
+
+
 def _decode_all(vae, z, mode, device=None, depth=2):
     got: list[DecodedBlock] = []
-    with make_block_decoder(vae, mode, device=device, queue_depth=depth, on_frames=got.append) as dec:
+    with _make(vae, mode, device=device, queue_depth=depth, on_frames=got.append) as dec:
         for i in range(0, z.shape[2], BLOCK):
             dec.submit(z[:, :, i:i + BLOCK])
     assert [b.index for b in got] == list(range(z.shape[2] // BLOCK))
@@ -62,7 +69,7 @@ class FakeDecoder:
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(vd, "StreamingDecoder", FakeDecoder)
+    monkeypatch.setattr(vd, "stream_decoder", lambda vae, **options: FakeDecoder(vae))
     monkeypatch.setattr(FakeDecoder, "delay", 0.0)
     monkeypatch.setattr(FakeDecoder, "gate", None)
     monkeypatch.setattr(FakeDecoder, "calls", 0)
@@ -75,39 +82,38 @@ def _block(i: int) -> torch.Tensor:
 
 # ---- configuration ----
 
-def test_stream_config_defaults_and_validation():
-    s = StreamConfig()
-    assert (s.vae_mode, s.vae_device, s.vae_queue_depth) == ("sync", None, 2)
-    assert StreamConfig(vae_mode="device", vae_device="cuda:1").vae_device == "cuda:1"
-    assert get_preset("tiny").replace(stream={"vae_mode": "stream", "vae_queue_depth": 4}).stream.vae_queue_depth == 4
+def test_decode_settings_defaults_and_validation():
+    c = InferenceConfig()
+    assert (c.vae_mode, c.vae_device, c.vae_queue_depth) == ("sync", None, 2)
+    assert InferenceConfig(vae_mode="device", vae_device="cuda:1").vae_device == "cuda:1"
     bad = [
-        ({"vae_mode": "async"}, "StreamConfig.vae_mode"),
-        ({"vae_mode": "device", "vae_device": "gpu1"}, "StreamConfig.vae_device"),
-        ({"vae_mode": "device", "vae_device": "cuda:x"}, "StreamConfig.vae_device"),
-        ({"vae_device": "cpu"}, "StreamConfig.vae_device"),  # sync mode would ignore it
-        ({"vae_queue_depth": 0}, "StreamConfig.vae_queue_depth"),
-        ({"vae_queue_depth": True}, "StreamConfig.vae_queue_depth"),
+        ({"vae_mode": "async"}, "vae_mode"),
+        ({"vae_mode": "device", "vae_device": "gpu1"}, "vae_device"),
+        ({"vae_mode": "device", "vae_device": "cuda:x"}, "vae_device"),
+        ({"vae_device": "cpu"}, "vae_device"),  # sync mode would ignore it
+        ({"vae_queue_depth": 0}, "vae_queue_depth"),
+        ({"vae_queue_depth": True}, "vae_queue_depth"),
     ]
     for kwargs, field in bad:
         with pytest.raises(ConfigError) as err:
-            StreamConfig(**kwargs)
+            InferenceConfig(**kwargs)
         assert str(err.value).startswith(field), kwargs
 
 
 def test_factory_rejects_bad_arguments(vae64):
     sink = lambda block: None  # noqa: E731
-    with pytest.raises(ValueError, match="vae_mode"):
-        make_block_decoder(vae64, "async", on_frames=sink)
-    with pytest.raises(ValueError, match="only used with vae_mode='device'"):
-        make_block_decoder(vae64, "sync", device="cpu", on_frames=sink)
-    with pytest.raises(ValueError, match="vae_queue_depth"):
-        make_block_decoder(vae64, "device", queue_depth=0, on_frames=sink)
+    with pytest.raises(ConfigError, match="vae_mode"):
+        _make(vae64, "async", on_frames=sink)
+    with pytest.raises(ConfigError, match="only used with vae_mode='device'"):
+        _make(vae64, "sync", device="cpu", on_frames=sink)
+    with pytest.raises(ConfigError, match="vae_queue_depth"):
+        _make(vae64, "device", queue_depth=0, on_frames=sink)
     with pytest.raises(ValueError, match="CUDA"):
-        make_block_decoder(vae64, "stream", on_frames=sink)  # the VAE is on the CPU
+        _make(vae64, "stream", on_frames=sink)  # the VAE is on the CPU
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
-            make_block_decoder(vae64, "device", device="cuda:0", on_frames=sink)
-    with make_block_decoder(vae64, "device", on_frames=sink) as dec:
+            _make(vae64, "device", device="cuda:0", on_frames=sink)
+    with _make(vae64, "device", on_frames=sink) as dec:
         with pytest.raises(ValueError, match="expected latents"):
             dec.submit(torch.zeros(1, 3, 2, 4, 4, dtype=torch.float64))
 
@@ -129,7 +135,7 @@ def test_modes_match_batch_decode_and_each_other_bitwise(vae64):
 def test_caller_may_overwrite_latents_right_after_submit(fake):
     fake.gate = threading.Event()  # the worker reads the block only after we clobbered it
     got = []
-    with make_block_decoder(build_vae(get_preset("tiny").vae), "device", on_frames=got.append) as dec:
+    with _make(build_vae(get_preset("tiny").vae), "device", on_frames=got.append) as dec:
         z = _block(7)
         dec.submit(z)
         z.fill_(-1.0)
@@ -151,7 +157,7 @@ def test_worker_error_reaches_caller_and_close_does_not_hang(vae64, monkeypatch,
 
     monkeypatch.setattr(StreamingDecoder, "decode_block", flaky)
     got: list[DecodedBlock] = []
-    dec = make_block_decoder(vae64, mode, device=device, queue_depth=2, on_frames=got.append)
+    dec = _make(vae64, mode, device=device, queue_depth=2, on_frames=got.append)
     z = _latents(blocks=8)
     with pytest.raises(VAEDecodeError, match="block 3") as err:
         for i in range(0, z.shape[2], BLOCK):
@@ -176,7 +182,7 @@ def test_callback_error_is_a_decode_error(fake):
             raise OSError("disk full")
 
     with pytest.raises(VAEDecodeError, match="block 1.*disk full") as err:
-        with make_block_decoder(build_vae(get_preset("tiny").vae), "device", on_frames=on_frames) as dec:
+        with _make(build_vae(get_preset("tiny").vae), "device", on_frames=on_frames) as dec:
             for i in range(4):
                 dec.submit(_block(i))
     assert isinstance(err.value.__cause__, OSError)
@@ -186,7 +192,7 @@ def test_abort_with_a_stuck_worker_returns_and_drops_its_block(fake, monkeypatch
     monkeypatch.setattr(vd, "_JOIN_S", 0.2)
     fake.gate = threading.Event()
     got = []
-    dec = make_block_decoder(build_vae(get_preset("tiny").vae), "device", on_frames=got.append)
+    dec = _make(build_vae(get_preset("tiny").vae), "device", on_frames=got.append)
     dec.submit(_block(0))
     dec.submit(_block(1))
     with pytest.raises(TimeoutError, match="still decoding"):
@@ -209,7 +215,7 @@ def test_queue_bound_holds(fake, depth):
     fake.delay = 0.02
     got = []
     peak = 0
-    with make_block_decoder(build_vae(get_preset("tiny").vae), "device", queue_depth=depth,
+    with _make(build_vae(get_preset("tiny").vae), "device", queue_depth=depth,
                             on_frames=got.append) as dec:
         for i in range(8):
             dec.submit(_block(i))
@@ -230,7 +236,7 @@ def test_many_blocks_arrive_once_and_in_order(fake, monkeypatch):
 
     monkeypatch.setattr(FakeDecoder, "decode_block", jittery)
     got = []
-    with make_block_decoder(build_vae(get_preset("tiny").vae), "device", queue_depth=3,
+    with _make(build_vae(get_preset("tiny").vae), "device", queue_depth=3,
                             on_frames=got.append) as dec:
         for i in range(20):
             dec.submit(_block(i))
@@ -253,11 +259,12 @@ def parts():
         build_vae(preset.vae, seed=0)
 
 
-def _pipe(parts, **stream):
-    from impl.pipeline import StreamingPipeline
+def _pipe(parts, **decode):
+    from impl.inference.build import pipeline_for_model
 
     preset, model, text, vae = parts
-    return StreamingPipeline(model, preset.replace(stream=stream), text_embedder=lambda p: text.encode([p]), vae=vae)
+    return pipeline_for_model(model, InferenceConfig(preset=preset, dtype="fp32", **decode),
+                              text_embedder=lambda p: text.encode([p]), vae=vae)
 
 
 def test_pipeline_device_mode_matches_sync(parts, tmp_path):
@@ -309,7 +316,7 @@ def test_cuda_stream_mode_owns_its_input():
     z = _latents(blocks=6, dtype=torch.float32, device="cuda")
     ref = _decode_all(vae, z, "sync")
     got: list[DecodedBlock] = []
-    with make_block_decoder(vae, "stream", queue_depth=3, on_frames=got.append) as dec:
+    with _make(vae, "stream", queue_depth=3, on_frames=got.append) as dec:
         for i in range(0, z.shape[2], BLOCK):
             x = z[:, :, i:i + BLOCK].clone()
             torch.cuda._sleep(1_000_000)  # keep the producer stream busy so any race shows

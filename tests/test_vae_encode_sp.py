@@ -1,4 +1,5 @@
-"""SP-aware chunked VAE encoding with a halo (impl/parallel/vae_encode.py).
+"""SP-aware chunked VAE encoding with a halo (impl/parallel/sp_vae_encode.py, the receptive field
+of impl/parallel/vae_receptive_field.py and the impl/parallel/vae_encode.py CLI).
 
 Numerics run in float64 on the tiny preset's VAE (the Wan2.2 layout at 8 base channels: the
 same depth and temporal strides as the 5B VAE, hence the same receptive field of 27 latents).
@@ -15,7 +16,7 @@ from diffusers import AutoencoderKLWan
 from impl.config import VAEConfig, get_preset
 from impl.model.vae import build_vae, encode_video
 from impl.parallel.groups import ParallelConfigError, build_groups, single_process
-from impl.parallel.vae_encode import (
+from impl.parallel.sp_vae_encode import (
     DEFAULT_HALO,
     RawWindow,
     encode_latent_range,
@@ -23,13 +24,15 @@ from impl.parallel.vae_encode import (
     frame_independent_quant_conv,
     frames_uint8_to_float,
     gather_latents,
-    main,
     raw_window,
+    sp_encode_video,
+    window_table,
+)
+from impl.parallel.vae_encode import main
+from impl.parallel.vae_receptive_field import (
     receptive_field_for_config,
     receptive_field_latents,
     receptive_field_raw_frames,
-    sp_encode_video,
-    window_table,
 )
 from dist_harness import run_distributed
 

@@ -88,6 +88,10 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, **fk), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **fk)
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **fk)
+        # The kernel of KV-cached self-attention (impl.model.attention_backends); set for the
+        # whole model by CausalWanDiT.set_attention_backend.
+        self.cached_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = \
+            F.scaled_dot_product_attention
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
@@ -135,8 +139,7 @@ class Attention(nn.Module):
             return self._attend_cached(q, k, v, cache, layer, plan)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    @staticmethod
-    def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                        plan: BlockPlan, codes: tuple[NVFP4Tensor, NVFP4Tensor] | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             # A differentiable forward (DMD rollout exit steps): the cache stores detached
@@ -148,10 +151,10 @@ class Attention(nn.Module):
             lo, hi = plan.write_range
             k = torch.cat([kc[:, :, :lo], k, kc[:, :, hi:]], dim=2)
             v = torch.cat([vc[:, :, :lo], v, vc[:, :, hi:]], dim=2)
-        else:
-            cache.write(layer, plan, k, v, codes)
-            k, v = cache.read(layer, plan)
-        return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v)   # differentiable: the reference kernel
+        cache.write(layer, plan, k, v, codes)
+        k, v = cache.read(layer, plan)
+        return self.cached_attention(q, k, v)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: [B, G, L, dim] (already text-embedded) -> k, v [B, G, H, L, D]."""

@@ -161,15 +161,27 @@ class CausalWanDiT(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, cfg.dim, **fk) / cfg.dim**0.5)
         self.rope = Rope3D(cfg)
         self.gradient_checkpointing = False
+        self._cuda_graphs = False
 
-    def compile_hot_path(self, **compile_kwargs) -> None:
+    def compile_hot_path(self, *, cuda_graphs: bool = False) -> None:
         """``torch.compile`` each block's two pure halves (norms, modulation, projections, RoPE,
         gates, cross-attention, FFN). Shapes are fixed per block, so they compile once and
-        are reused by every layer and block; the KV-cache writes/reads and SDPA between them
-        stay eager, so block positions and cache slots never cause recompiles."""
+        are reused by every layer and block; the KV-cache writes/reads and the attention
+        kernel between them stay eager, so block positions and cache slots never cause
+        recompiles or re-captures. ``cuda_graphs`` compiles with ``mode="reduce-overhead"``:
+        each half is captured once as a CUDA graph (inputs copied into static buffers) and
+        replayed, one launch instead of dozens of kernels."""
+        kwargs = {"mode": "reduce-overhead"} if cuda_graphs else {}
         for blk in self.blocks:
-            blk.pre_attention = torch.compile(blk.pre_attention, **compile_kwargs)
-            blk.post_attention = torch.compile(blk.post_attention, **compile_kwargs)
+            blk.pre_attention = torch.compile(blk.pre_attention, **kwargs)
+            blk.post_attention = torch.compile(blk.post_attention, **kwargs)
+        self._cuda_graphs = cuda_graphs
+
+    def set_attention_backend(self, fn) -> None:
+        """Use ``fn`` (q, k, v -> o; impl.model.attention_backends) for every layer's KV-cached
+        self-attention. Cross-attention (512 text keys) and masked training forwards keep SDPA."""
+        for blk in self.blocks:
+            blk.attn1.cached_attention = fn
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,6 +227,9 @@ class CausalWanDiT(nn.Module):
         if sp is not None and cache is None:
             raise ValueError("sequence-parallel forward: needs a KV cache (streaming inference)")
 
+        if self._cuda_graphs:
+            # A new forward: outputs of the previous replays are dead (cudagraph trees may reuse them).
+            torch.compiler.cudagraph_mark_step_begin()
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)   # [B, S, C]
         temb, temb6 = self.condition_embedder.time(timesteps)
         table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

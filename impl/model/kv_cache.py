@@ -33,22 +33,27 @@ Sequence-parallel inference (impl/parallel/sp_inference.py) gives each rank a ca
 matching heads of a one-GPU cache: ``amax_reduce`` turns the rank's per-slot amax into the max
 over all ranks (the tensor scale one GPU computes over all heads), and :meth:`KVCache.write`
 accepts K/V that arrive already quantized (``codes``) and stores them without re-quantizing.
+
+The constructor picks the storage once: a :class:`BF16Store` or an :class:`NVFP4Store`, both
+behind the small :class:`KVStore` interface; :class:`KVCache` itself only does the block
+bookkeeping and the text-context memo.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
+from impl import modes
 from impl.config import StreamConfig
 from impl.memory import tensor_bytes
 from impl.quant import nvfp4
-from impl.quant.config import check_kv_storage
 
 AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
+KVCodes = tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor]   # a block's K and V, already quantized
 
 
 def kv_amax(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,158 @@ class BlockPlan:
         return self.num_valid * self.tokens_per_block
 
 
+# ---- storage ----
+
+class KVStore(Protocol):
+    """K/V of every layer in ``num_slots`` block slots: shape [L, B, H, slots * tpb, D]."""
+
+    k: torch.Tensor | NVFP4Slots   # stored keys (the storage's own layout)
+    v: torch.Tensor | NVFP4Slots
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              codes: KVCodes | None = None) -> None:
+        """Take a block's K/V [B, H, tpb, D] for ``layer``; the next :meth:`read` sees them. Later
+        blocks see them only if ``plan.commit`` (BF16 keeps every write, which is equivalent:
+        a block's last forward is the committing one)."""
+
+    def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every resident block's K/V for ``layer``: [B, H, plan.attend_len, D]."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of persistent K/V storage."""
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Bytes of transient buffers that reads go through."""
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one block slot of K (or V) in one layer for one batch element."""
+
+
+class BF16Store:
+    """Plain tensors in the model dtype; reads are views (no copy)."""
+
+    def __init__(self, shape: tuple[int, ...], tokens_per_block: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens_per_block = tokens_per_block
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              codes: KVCodes | None = None) -> None:
+        # Every write lands in the slot, committing or not: the next read sees this block's K/V.
+        if codes is not None:
+            raise ValueError("KVCache.write: pre-quantized K/V (codes) need storage='nvfp4'")
+        lo, hi = plan.write_range
+        self.k[layer, :, :, lo:hi] = k
+        self.v[layer, :, :, lo:hi] = v
+
+    def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        n = plan.attend_len
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes((self.k, self.v))
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.tokens_per_block * self.k.shape[2] * self.k.shape[4] * self.k.element_size()
+
+
+class NVFP4Slots:
+    """NVFP4 storage of K or V for all layers: packed values, E4M3 scales, per-slot fp32 scale."""
+
+    def __init__(self, shape: tuple[int, ...], num_slots: int, device: torch.device | str):
+        L, B, H, S, D = shape
+        if D % nvfp4.GROUP:
+            raise nvfp4.QuantFormatError(f"KVCache: NVFP4 storage needs head_dim divisible by {nvfp4.GROUP}, got {D}")
+        self.packed = torch.zeros((L, B, H, S, D // 2), dtype=torch.uint8, device=device)
+        self.scales = torch.zeros((L, B, H, S, D // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
+        self.global_scale = torch.zeros((L, B, num_slots), dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes((self.packed, self.scales, self.global_scale))
+
+    def put(self, layer: int, slot: int, lo: int, hi: int, q: nvfp4.NVFP4Tensor) -> None:
+        """Copy a quantized block (per batch element tensor scale) into its slot."""
+        self.packed[layer, :, :, lo:hi] = q.packed
+        self.scales[layer, :, :, lo:hi] = q.scales
+        self.global_scale[layer, :, slot] = q.global_scale.reshape(-1)
+
+    def load(self, layer: int, n: int, tokens_per_block: int, out: torch.Tensor) -> None:
+        """Dequantize tokens [0, n) of ``layer`` into ``out`` [B, H, n, D]."""
+        nvfp4.dequantize_kv(out, self.packed[layer, :, :, :n], self.scales[layer, :, :, :n],
+                            self.global_scale[layer], tokens_per_block)
+
+
+class NVFP4Store:
+    """NVFP4 history (``k``, ``v``: :class:`NVFP4Slots`) read through one shared BF16 workspace.
+
+    Only a committing write quantizes (under the per-slot amax, reduced over the SP group by
+    ``amax_reduce`` if given); every write keeps the block's fresh K/V, which the next read puts
+    unquantized into the workspace over the block's own slot."""
+
+    def __init__(self, shape: tuple[int, ...], num_slots: int, tokens_per_block: int, dtype: torch.dtype,
+                 device: torch.device | str, rule: str, amax_reduce: AmaxReduce | None = None):
+        self.k = NVFP4Slots(shape, num_slots, device)
+        self.v = NVFP4Slots(shape, num_slots, device)
+        self.tokens_per_block, self.rule, self.amax_reduce = tokens_per_block, rule, amax_reduce
+        # One layer's dequantized window, shared by all layers (transient by design).
+        self._work = {name: torch.zeros(shape[1:], dtype=dtype, device=device) for name in ("k", "v")}
+        self._fresh: dict[str, torch.Tensor] = {}
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              codes: KVCodes | None = None) -> None:
+        self._fresh = {"k": k, "v": v}
+        if not plan.commit:
+            return
+        if codes is None:
+            amax = kv_amax(k, v)
+            if self.amax_reduce is not None:
+                amax = self.amax_reduce(amax)
+            codes = (quantize_kv(k, amax[0], self.rule), quantize_kv(v, amax[1], self.rule))
+        lo, hi = plan.write_range
+        self.k.put(layer, plan.slot, lo, hi, codes[0])
+        self.v.put(layer, plan.slot, lo, hi, codes[1])
+
+    def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._fresh:
+            raise RuntimeError("KVCache.read: NVFP4 storage needs write() of the current block first")
+        n = plan.attend_len
+        lo, hi = plan.write_range
+        out = []
+        for name, slots in (("k", self.k), ("v", self.v)):
+            work = self._work[name][:, :, :n]
+            slots.load(layer, n, self.tokens_per_block, work)
+            work[:, :, lo:hi] = self._fresh[name]
+            out.append(work)
+        self._fresh = {}
+        return out[0], out[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return tensor_bytes(self._work.values())
+
+    @property
+    def slot_bytes(self) -> int:
+        _, _, heads, _, half_d = self.k.packed.shape
+        return self.tokens_per_block * heads * (half_d + self.k.scales.shape[4]) + 4
+
+
+# ---- the cache ----
+
 class KVCache:
     """Block-slotted K/V storage for every layer, plus a per-prompt text-K/V memo."""
 
@@ -94,9 +251,9 @@ class KVCache:
                  tokens_per_block: int, stream: StreamConfig, dtype: torch.dtype,
                  device: torch.device | str, max_text_contexts: int = 8,
                  storage: str = "bf16", kv_rule: str = "mse", amax_reduce: AmaxReduce | None = None):
-        check_kv_storage(storage, kv_rule)
+        modes.check_choice(storage, modes.KVStorage, "kv_cache")
+        modes.check_choice(kv_rule, modes.ScaleRule, "kv_rule")
         self.storage, self.kv_rule = storage, kv_rule
-        self.amax_reduce = amax_reduce   # NVFP4 only: amax [2, B] -> the SP group's max
         self.batch, self.dtype = batch, dtype
         self.num_slots = stream.window_blocks
         self.tokens_per_block = tokens_per_block
@@ -104,18 +261,24 @@ class KVCache:
         # Pinning needs a non-empty sink: the pin length is the sink length (reference semantics).
         self.pin_shots = stream.multi_shot_sink and stream.sink_blocks > 0
         shape = (num_layers, batch, num_heads, self.num_slots * tokens_per_block, head_dim)
+        self.store: KVStore
         if storage == "bf16":
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
-        else:
-            self.k = self.v = None
-            self._fp4 = {name: _FP4Store(shape, self.num_slots, device) for name in ("k", "v")}
-            # One layer's dequantized window, shared by all layers (transient by design).
-            self._work = {name: torch.zeros(shape[1:], dtype=dtype, device=device) for name in ("k", "v")}
-            self._fresh: dict[str, torch.Tensor] = {}
+            self.store = BF16Store(shape, tokens_per_block, dtype, device)
+        else:   # amax_reduce: amax [2, B] -> the SP group's max (NVFP4 only)
+            self.store = NVFP4Store(shape, self.num_slots, tokens_per_block, dtype, device, kv_rule, amax_reduce)
         self.text_contexts: OrderedDict[object, object] = OrderedDict()
         self.max_text_contexts = max_text_contexts
         self.reset()
+
+    @property
+    def k(self) -> torch.Tensor | NVFP4Slots:
+        """Stored keys of every layer: a tensor (BF16 storage) or :class:`NVFP4Slots`."""
+        return self.store.k
+
+    @property
+    def v(self) -> torch.Tensor | NVFP4Slots:
+        """Stored values of every layer, as :attr:`k`."""
+        return self.store.v
 
     def reset(self) -> None:
         """Start a new video: forget resident blocks, pins and text contexts (no reallocation)."""
@@ -159,27 +322,12 @@ class KVCache:
 
     # ---- data path ----
     def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
-              codes: tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor] | None = None) -> None:
+              codes: KVCodes | None = None) -> None:
         """Store a block's K/V ([B, H, tokens_per_block, D]) into its slot for ``layer``.
 
         ``codes`` (NVFP4 storage only): the same K/V already quantized by :func:`quantize_kv`
         (the SP exchange sends them packed); a committing write stores them as they are."""
-        lo, hi = plan.write_range
-        if codes is not None and self.storage != "nvfp4":
-            raise ValueError("KVCache.write: pre-quantized K/V (codes) need storage='nvfp4'")
-        if self.storage == "bf16":
-            self.k[layer, :, :, lo:hi] = k
-            self.v[layer, :, :, lo:hi] = v
-            return
-        self._fresh = {"k": k, "v": v}
-        if plan.commit:
-            if codes is None:
-                amax = kv_amax(k, v)
-                if self.amax_reduce is not None:
-                    amax = self.amax_reduce(amax)
-                codes = (quantize_kv(k, amax[0], self.kv_rule), quantize_kv(v, amax[1], self.kv_rule))
-            for name, q in zip(("k", "v"), codes):
-                self._fp4[name].put(layer, plan.slot, lo, hi, q)
+        self.store.write(layer, plan, k, v, codes)
 
     def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Every resident block's K/V for ``layer``: [B, H, num_valid*tpb, D].
@@ -187,20 +335,7 @@ class KVCache:
         BF16 storage returns views (no copy); NVFP4 storage dequantizes the history into the
         shared workspace and puts the current block's fresh K/V (from :meth:`write`) in place.
         """
-        n = plan.attend_len
-        if self.storage == "bf16":
-            return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
-        if not self._fresh:
-            raise RuntimeError("KVCache.read: NVFP4 storage needs write() of the current block first")
-        lo, hi = plan.write_range
-        out = []
-        for name in ("k", "v"):
-            work = self._work[name][:, :, :n]
-            self._fp4[name].load(layer, n, self.tokens_per_block, work)
-            work[:, :, lo:hi] = self._fresh[name]
-            out.append(work)
-        self._fresh = {}
-        return out[0], out[1]
+        return self.store.read(layer, plan)
 
     def text_context(self, key: object, build: Callable[[], object]) -> object:
         """Memoised cross-attention K/V for a prompt; ``build`` runs once per key."""
@@ -215,47 +350,12 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         """Bytes of persistent K/V storage (NVFP4: packed values, block scales, tensor scales)."""
-        if self.storage == "bf16":
-            return tensor_bytes((self.k, self.v))
-        return sum(store.nbytes for store in self._fp4.values())
+        return self.store.nbytes
 
     def workspace_bytes(self) -> int:
         """Bytes of the transient dequantization workspace (0 for BF16 storage)."""
-        if self.storage == "bf16":
-            return 0
-        return tensor_bytes(self._work.values())
+        return self.store.workspace_nbytes
 
     def slot_bytes(self) -> int:
         """Bytes of one block slot of K (or V) in one layer for one batch element."""
-        tokens = self.tokens_per_block
-        if self.storage == "bf16":
-            return tokens * self.k.shape[2] * self.k.shape[4] * self.k.element_size()
-        store = self._fp4["k"]
-        return tokens * store.packed.shape[2] * (store.packed.shape[4] + store.scales.shape[4]) + 4
-
-
-class _FP4Store:
-    """NVFP4 storage of K or V for all layers: packed values, E4M3 scales, per-slot fp32 scale."""
-
-    def __init__(self, shape: tuple[int, ...], num_slots: int, device):
-        L, B, H, S, D = shape
-        if D % nvfp4.GROUP:
-            raise nvfp4.QuantFormatError(f"KVCache: NVFP4 storage needs head_dim divisible by {nvfp4.GROUP}, got {D}")
-        self.packed = torch.zeros((L, B, H, S, D // 2), dtype=torch.uint8, device=device)
-        self.scales = torch.zeros((L, B, H, S, D // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
-        self.global_scale = torch.zeros((L, B, num_slots), dtype=torch.float32, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes((self.packed, self.scales, self.global_scale))
-
-    def put(self, layer: int, slot: int, lo: int, hi: int, q: nvfp4.NVFP4Tensor) -> None:
-        """Copy a quantized block (per batch element tensor scale) into its slot."""
-        self.packed[layer, :, :, lo:hi] = q.packed
-        self.scales[layer, :, :, lo:hi] = q.scales
-        self.global_scale[layer, :, slot] = q.global_scale.reshape(-1)
-
-    def load(self, layer: int, n: int, tokens_per_block: int, out: torch.Tensor) -> None:
-        """Dequantize tokens [0, n) of ``layer`` into ``out`` [B, H, n, D]."""
-        nvfp4.dequantize_kv(out, self.packed[layer, :, :, :n], self.scales[layer, :, :, :n],
-                            self.global_scale[layer], tokens_per_block)
+        return self.store.slot_bytes

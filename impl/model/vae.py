@@ -25,6 +25,7 @@ from impl.config import VAEConfig, raw_frames_for_latents
 __all__ = [
     "build_vae",
     "load_vae",
+    "read_vae_config",
     "latent_stats",
     "normalize_latents",
     "denormalize_latents",
@@ -94,6 +95,14 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32,
     folder = _resolve_subfolder(path, "vae", "config.json", "load_vae")
     vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     return _to(vae, dtype, device)
+
+
+def read_vae_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a diffusers-format VAE folder (or its pipeline root), without
+    loading any weights (a light decoder needs only the latent statistics)."""
+    import json
+    folder = _resolve_subfolder(path, "vae", "config.json", "read_vae_config")
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 def latent_stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,13 +216,19 @@ class StreamingDecoder:
     as ``torch.channels_last_3d``. Frames are still returned contiguous; they equal the
     default layout's (and ``vae.decode``'s) up to floating-point reassociation, not bit for
     bit, while the block-cutting invariance above holds bit for bit within either layout.
+
+    ``compile=True`` runs the decoder module through ``torch.compile`` (this decoder's own
+    compiled callable; the shared module is not changed).
     """
 
-    def __init__(self, vae: AutoencoderKLWan, *, channels_last: bool = False) -> None:
+    def __init__(self, vae: AutoencoderKLWan, *, channels_last: bool = False, compile: bool = False) -> None:
         self.vae = vae
         self.channels_last = bool(channels_last)
         if self.channels_last:
             vae_to_channels_last(vae)
+        # Static shapes: the first few calls of a stream differ (first chunk, cache filling),
+        # each gets its own graph in the first blocks (about 5, under Dynamo's limit of 8).
+        self._decoder = torch.compile(vae.decoder, dynamic=False) if compile else vae.decoder
         self._num_convs = _count_causal_convs(vae)
         self.reset()
 
@@ -254,8 +269,8 @@ class StreamingDecoder:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             x = vae.post_quant_conv(x)
-            out = vae.decoder(x, feat_cache=self._feat_cache, feat_idx=[0],
-                              first_chunk=self._first_chunk)
+            out = self._decoder(x, feat_cache=self._feat_cache, feat_idx=[0],
+                                first_chunk=self._first_chunk)
             self._first_chunk = False
             outs.append(out)
         out = torch.cat(outs, dim=2)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from impl.modes import TrainAttention, check_choice
 from impl.parallel.layout import TeacherForcingLayout, dense_mask, mask_mod
 from impl.parallel.ulysses import heads_to_seq, seq_to_heads
-
-BACKENDS = ("auto", "dense", "flex")
 
 
 class MaskedSDPA:
@@ -55,12 +54,11 @@ class Ulysses:
 
 
 def teacher_forcing_core(layout: TeacherForcingLayout, tokens_per_frame: int, device: torch.device | str,
-                         group=None, backend: str = "auto"):
+                         group=None, backend: TrainAttention = "auto"):
     """The attention core of one SP rank for ``layout``: the mask over the global (post-
     exchange) token order, wrapped in the Ulysses exchange when ``layout.sp_size > 1``.
     ``auto`` = FlexAttention on CUDA, the dense mask elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_backend: must be one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, TrainAttention, "attention_backend")
     device = torch.device(device)
     if backend == "auto":
         backend = "flex" if device.type == "cuda" else "dense"

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from impl.errors import ConfigError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(ConfigError):
     """An SP/DP size that does not fit the world, the model or the clip."""
 
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from impl.modes import SPLayout, choices
 from impl.parallel.groups import ParallelConfigError
 
 CLEAN, NOISY = 0, 1
-LAYOUTS = ("balanced", "naive")
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ class TeacherForcingLayout:
     num_frames: int          # latent frames F of the clip
     frames_per_block: int    # latent frames per AR block
     sp_size: int = 1
-    kind: str = "balanced"
+    kind: SPLayout = "balanced"
 
     def __post_init__(self) -> None:
         f, fpb, sp = self.num_frames, self.frames_per_block, self.sp_size
-        if self.kind not in LAYOUTS:
-            raise ParallelConfigError(f"sp_layout: must be one of {LAYOUTS}, got {self.kind!r}")
+        if self.kind not in choices(SPLayout):   # a ParallelConfigError, like the size checks below
+            raise ParallelConfigError(f"sp_layout: must be one of {list(choices(SPLayout))}, got {self.kind!r}")
         for name, v in (("num_frames", f), ("frames_per_block", fpb), ("sp_size", sp)):
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"{name}: must be a positive integer, got {v!r}")

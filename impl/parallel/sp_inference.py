@@ -33,88 +33,25 @@ import os
 import statistics
 import sys
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from impl.config import ConfigError, Preset
-from impl.model.dit import CausalWanDiT
+from impl.config import ConfigError
+from impl.io import write_json
+from impl.inference.build import Weights, build_pipeline, torch_dtype
+from impl.inference.config import InferenceConfig, add_arguments, config_from_args
 from impl.model.kv_cache import KVCache
 from impl.parallel.groups import ParallelConfigError, ParallelGroups
-from impl.parallel.sp_exchange import KV_COMMS, BlockBytes, SPExchange, block_bytes
-from impl.pipeline import BlockTiming, GenerationResult, StreamingPipeline
-from impl.quant.config import KV_STORAGES
-from impl.quant.nvfp4 import SCALE_RULES
-
-KV_COMM_CHOICES = ("auto",) + KV_COMMS
+from impl.parallel.sp_exchange import BlockBytes, SPExchange, block_bytes
+from impl.pipeline import BlockTiming, GenerationResult
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def allowed_sp_sizes(preset: Preset) -> list[int]:
-    """SP sizes that split both the attention heads and the block's tokens evenly."""
-    h, s = preset.dit.num_heads, preset.tokens_per_block
-    return [d for d in _divisors(h) if s % d == 0]
-
-
-def check_sp_inference(preset: Preset, sp_size: int) -> None:
-    """Raise :class:`ParallelConfigError` naming the field if ``sp_size`` does not fit the preset."""
-    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
-        raise ParallelConfigError(f"sp_size: must be a positive integer, got {sp_size!r}")
-    heads, tokens = preset.dit.num_heads, preset.tokens_per_block
-    allowed = allowed_sp_sizes(preset)
-    if heads % sp_size:
-        raise ParallelConfigError(
-            f"sp_size={sp_size}: Ulysses splits the dit.num_heads={heads} attention heads over the SP "
-            f"ranks, so sp_size must divide it; allowed for preset {preset.name!r}: {allowed}")
-    if tokens % sp_size:
-        raise ParallelConfigError(
-            f"sp_size={sp_size}: the block's {tokens} tokens (stream.frames_per_block="
-            f"{preset.stream.frames_per_block} x {preset.tokens_per_frame} tokens per frame) must split "
-            f"evenly over the SP ranks; allowed for preset {preset.name!r}: {allowed}")
-
-
-@dataclass(frozen=True)
-class SPInferenceConfig:
-    """SP size, KV-cache storage and how K/V cross the all-to-all (see the module docstring)."""
-
-    sp_size: int = 1
-    kv_cache: str = "bf16"
-    kv_comm: str = "auto"
-    kv_rule: str = "mse"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sp_size, int) or isinstance(self.sp_size, bool) or self.sp_size < 1:
-            raise ParallelConfigError(f"sp_size: must be a positive integer, got {self.sp_size!r}")
-        if self.kv_cache not in KV_STORAGES:
-            raise ParallelConfigError(f"kv_cache: must be one of {KV_STORAGES}, got {self.kv_cache!r}")
-        if self.kv_comm not in KV_COMM_CHOICES:
-            raise ParallelConfigError(f"kv_comm: must be one of {KV_COMM_CHOICES}, got {self.kv_comm!r}")
-        if self.kv_rule not in SCALE_RULES:
-            raise ParallelConfigError(f"kv_rule: must be one of {tuple(SCALE_RULES)}, got {self.kv_rule!r}")
-        if self.kv_comm == "nvfp4" and self.kv_cache != "nvfp4":
-            raise ParallelConfigError("kv_comm: 'nvfp4' sends K/V as NVFP4 codes that are stored as they are, "
-                                      "so it needs kv_cache='nvfp4'")
-
-    @property
-    def exchange(self) -> str:
-        """The K/V exchange actually used: ``auto`` is ``nvfp4`` with NVFP4 storage under SP."""
-        if self.kv_comm != "auto":
-            return self.kv_comm
-        return "nvfp4" if self.kv_cache == "nvfp4" and self.sp_size > 1 else "plain"
-
-    def check(self, preset: Preset) -> None:
-        check_sp_inference(preset, self.sp_size)
-
-    def block_bytes(self, preset: Preset, element_bytes: int, batch: int = 1) -> BlockBytes:
-        """Analytic bytes one rank sends per block (:func:`impl.parallel.sp_exchange.block_bytes`)."""
-        return block_bytes(preset, self.sp_size, element_bytes=element_bytes, kv_cache=self.kv_cache,
-                           kv_comm=self.exchange, batch=batch)
+def config_block_bytes(cfg: InferenceConfig, element_bytes: int, batch: int = 1) -> BlockBytes:
+    """Analytic bytes one rank sends per block under ``cfg`` (:func:`impl.parallel.sp_exchange.block_bytes`)."""
+    return block_bytes(cfg.stream_preset, cfg.sp_size, element_bytes=element_bytes, kv_cache=cfg.kv_cache,
+                       kv_comm=cfg.kv_exchange, batch=batch)
 
 
 def dp_shard(num_videos: int, dp_size: int, dp_rank: int) -> list[int]:
@@ -126,39 +63,24 @@ def dp_shard(num_videos: int, dp_size: int, dp_rank: int) -> list[int]:
     return list(range(dp_rank, num_videos, dp_size))
 
 
-def random_text_embedder(preset: Preset, dtype: torch.dtype, device: torch.device | str,
-                         seed: int = 0) -> Callable[[str], torch.Tensor]:
-    """A fixed random text-encoder output [1, L, text_dim] per prompt, seeded by the prompt's
-    CRC32 (identical on every rank and run): stands in for umT5 with random weights, where
-    the 5B encoder would only cost memory and start-up time."""
-    length, dim = preset.text.max_length, preset.dit.text_dim
-
-    def embed(prompt: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(prompt.encode("utf-8")))
-        return torch.randn(1, length, dim, generator=g).to(device, dtype)
-
-    return embed
-
-
 class SPInference:
-    """One rank's streaming generator under SP (and DP): the plain pipeline with the exchange.
+    """One rank's streaming generator under SP (and DP): the one-GPU pipeline, built by
+    :func:`impl.inference.build.build_pipeline`, with this rank's exchange passed through.
 
     Every rank of an SP group calls :meth:`generate` with the same prompts and seed; all get
-    the same latents, the SP root also the decoded frames / video."""
+    the same latents, the SP root also the decoded frames / video. Every rank builds the same
+    DiT (same seed or weights); only the SP root builds a VAE."""
 
-    def __init__(self, model: CausalWanDiT, preset: Preset, groups: ParallelGroups, *,
-                 text_embedder: Callable[[str], torch.Tensor], vae=None,
-                 device: torch.device | str = "cpu", config: SPInferenceConfig = SPInferenceConfig()):
-        if config.sp_size != groups.sp_size:
-            raise ParallelConfigError(f"sp_size: the config says {config.sp_size} but the process groups were "
+    def __init__(self, cfg: InferenceConfig, groups: ParallelGroups, *, device: torch.device | str = "cpu",
+                 weights: Weights = Weights(), decode: bool = True):
+        if cfg.sp_size != groups.sp_size:
+            raise ParallelConfigError(f"sp_size: the config says {cfg.sp_size} but the process groups were "
                                       f"built for {groups.sp_size}")
-        config.check(preset)
-        self.config, self.groups, self.preset = config, groups, preset
-        self.exchange = SPExchange(groups.sp_group, groups.sp_size, groups.sp_rank, kv_comm=config.exchange,
-                                   kv_rule=config.kv_rule)
-        self.pipeline = StreamingPipeline(
-            model, preset, text_embedder=text_embedder, vae=vae if groups.is_sp_root else None, device=device,
-            kv_cache=config.kv_cache, kv_rule=config.kv_rule, sp=self.exchange if groups.sp_size > 1 else None)
+        self.cfg, self.groups = cfg, groups
+        self.exchange = SPExchange(groups.sp_group, groups.sp_size, groups.sp_rank, kv_comm=cfg.kv_exchange,
+                                   kv_rule=cfg.kv_rule)
+        self.pipeline = build_pipeline(cfg, device, weights, decode=decode and groups.is_sp_root,
+                                       sp=self.exchange if groups.sp_size > 1 else None)
 
     @property
     def cache(self) -> KVCache | None:
@@ -177,8 +99,6 @@ class SPInference:
 
 # ------------------------------------------------------------------ command line
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-LINEAR_MODES = ["bf16", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only", "nvfp4_te"]
 DEFAULT_PROMPT = "A red fox runs through fresh snow in a quiet forest at dawn."
 
 
@@ -192,39 +112,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                "runs as one process (sp-size 1). Outputs in --out, written by each SP group's root: "
                "video_NNNN.mp4 (with decode), latents_NNNN.pt (--save-latents), timings_NNNN.json; "
                "--metrics-out gets global rank 0's summary (FPS, bytes per block).")
-    ap.add_argument("--preset", default="tiny", help="model size preset (tiny, small, wan22_ti2v_5b)")
-    ap.add_argument("--sp-size", type=int, default=None, help="ranks per SP group (default: the world size)")
-    ap.add_argument("--kv-cache", default="bf16", choices=list(KV_STORAGES), help="KV-cache storage")
-    ap.add_argument("--kv-comm", default="auto", choices=list(KV_COMM_CHOICES),
-                    help="how K/V cross the all-to-all: plain (model dtype), nvfp4 (packed codes + scales, "
-                         "needs --kv-cache nvfp4); auto = nvfp4 with an NVFP4 cache under SP")
-    ap.add_argument("--kv-rule", default="mse", choices=sorted(SCALE_RULES), help="NVFP4 KV scale rule")
+    add_arguments(ap, defaults={"dtype": None, "sp_size": None})
     ap.add_argument("--shot", action="append", default=None, metavar="PROMPT[::BLOCKS]",
                     help="one shot of the (single) video; repeat for multi-shot")
     ap.add_argument("--prompt-file", type=Path, default=None,
                     help="one video per line: shots 'PROMPT[::BLOCKS]' separated by ' | '")
     ap.add_argument("--blocks", type=int, default=4,
-                    help="blocks of the default one-shot video when neither --shot nor --prompt-file is given")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: the preset's)")
-    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale; 1.0 disables CFG")
-    ap.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
-                    help="model dtype (default bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--quant", default="bf16", choices=LINEAR_MODES, help="format of the block linears")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the blocks' pure halves")
-    ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder (default: random)")
+                    help="blocks of the default one-shot video when neither --shot nor --prompt-file is given "
+                         "(default: 4)")
+    ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder (default: random weights)")
     ap.add_argument("--dit", default=None, help="DiT checkpoint overriding --weights")
-    ap.add_argument("--text", default=None, choices=["encoder", "random"],
+    ap.add_argument("--text", default=None, choices=["encoder", "embedding"],
                     help="umT5 encoder, or a fixed random embedding per prompt (default: encoder with "
-                         "--weights, else random)")
+                         "--weights, else embedding)")
     ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
-                    help="VAE-decode each block on the SP root rank")
+                    help="VAE-decode each block on the SP root rank (default: true)")
     ap.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
                     help="with --decode, write video_NNNN.mp4 (needs imageio-ffmpeg); --no-video decodes only "
-                         "(timing)")
-    ap.add_argument("--vae-mode", default=None, choices=["sync", "stream", "device"], help="VAE decoding mode")
+                         "(timing) (default: true)")
     ap.add_argument("--save-latents", action="store_true", help="write latents_NNNN.pt")
-    ap.add_argument("--seed", type=int, default=0, help="video i uses seed + i; also the random weights' seed")
-    ap.add_argument("--warmup-blocks", type=int, default=0, help="blocks per video left out of the FPS figures")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="video i uses seed + i; also the random weights' seed (default: 0)")
+    ap.add_argument("--warmup-blocks", type=int, default=0,
+                    help="blocks per video left out of the FPS figures (default: 0)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--metrics-out", type=Path, default=None, help="JSON summary written by global rank 0")
     return ap.parse_args(argv)
@@ -252,78 +162,44 @@ def _videos(args: argparse.Namespace, scene_cut_prefix: str) -> list[list[str]]:
     return [shot_prompts(v, scene_cut_prefix) for v in shots]
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a temp file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace) -> tuple[InferenceConfig, list[list[str]]]:
     """Everything that can fail on bad input, before any process group exists."""
-    from impl.config import get_preset
-    stream = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                                ("vae_mode", args.vae_mode)) if v is not None}
-    preset = get_preset(args.preset).replace(stream=stream)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp = args.sp_size if args.sp_size is not None else world
     if sp < 1 or world % sp:
         raise ParallelConfigError(f"--sp-size: {sp} must be a positive divisor of the world size {world}")
-    config = SPInferenceConfig(sp_size=sp, kv_cache=args.kv_cache, kv_comm=args.kv_comm, kv_rule=args.kv_rule)
-    config.check(preset)
+    # The dtype default depends on the device, known only after init; validate with a stand-in.
+    cfg = config_from_args(args, sp_size=sp, dtype=args.dtype or "fp32")
     if args.warmup_blocks < 0:
         raise ValueError(f"--warmup-blocks: must be >= 0, got {args.warmup_blocks}")
-    videos = _videos(args, preset.stream.scene_cut_prefix)
-    return preset, config, videos
+    return cfg, _videos(args, cfg.stream_preset.stream.scene_cut_prefix)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        preset, config, videos = _prepare(args)
-    except (ConfigError, ParallelConfigError, ValueError) as exc:
+        cfg, videos = _prepare(args)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from impl.parallel.groups import init_distributed
     _, _, device = init_distributed()
+    if args.dtype is None:
+        cfg = cfg.replace(dtype="bf16" if device.type == "cuda" else "fp32")
     try:
-        return _run(args, preset, config, videos, device)
+        return _run(args, cfg, videos, device)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _run(args, preset: Preset, config: SPInferenceConfig, videos: list[list[str]], device: torch.device) -> int:
+def _run(args, cfg: InferenceConfig, videos: list[list[str]], device: torch.device) -> int:
     from impl.parallel.groups import build_groups
-    groups = build_groups(config.sp_size)
-    dtype = PRECISIONS[args.precision or ("bf16" if device.type == "cuda" else "fp32")]
-    torch.manual_seed(args.seed)  # same random weights on every rank
-    model = CausalWanDiT(preset.dit, device=device, dtype=dtype).eval()
-    if args.dit or args.weights:
-        from impl.model.checkpoint import load_dit_weights
-        load_dit_weights(model, args.dit or args.weights)
-    if args.quant != "bf16":
-        from impl.quant.apply import quantize_model
-        from impl.quant.config import QuantConfig
-        quantize_model(model, QuantConfig.for_inference(args.quant))
-    if args.compile:
-        model.compile_hot_path()
-    use_encoder = (args.text or ("encoder" if args.weights else "random")) == "encoder"
-    if use_encoder:
-        from impl.model.text_encoder import TextEncoder
-        text = (TextEncoder.from_pretrained(args.weights, dtype=dtype, device=device, max_length=preset.text.max_length)
-                if args.weights else TextEncoder.from_preset(preset.text, dtype=dtype, device=device, seed=args.seed))
-        embedder = lambda p: text.encode([p])  # noqa: E731
-    else:
-        embedder = random_text_embedder(preset, dtype, device, seed=args.seed)
-    vae = None
-    if args.decode and groups.is_sp_root:  # the VAE lives on the SP root only
-        from impl.model.vae import build_vae, load_vae
-        vae = (load_vae(args.weights, dtype=dtype, device=device) if args.weights
-               else build_vae(preset.vae, dtype=dtype, device=device, seed=args.seed))
-    sp = SPInference(model, preset, groups, text_embedder=embedder, vae=vae, device=device, config=config)
+    groups = build_groups(cfg.sp_size)
+    text = args.text or ("encoder" if args.weights else "embedding")
+    weights = Weights(root=args.weights, dit=args.dit, text=text, seed=args.seed)
+    sp = SPInference(cfg, groups, device=device, weights=weights, decode=args.decode)
 
     mine = dp_shard(len(videos), groups.dp_size, groups.dp_rank)
     steady: list[BlockTiming] = []
@@ -345,26 +221,27 @@ def _run(args, preset: Preset, config: SPInferenceConfig, videos: list[list[str]
         if groups.is_sp_root:
             if args.save_latents:
                 torch.save(result.latents, args.out / f"latents_{i:04d}.pt")
-            _write_json(args.out / f"timings_{i:04d}.json",
-                        {"video": i, "prompts": videos[i], "timings": [t.__dict__ for t in timings]})
+            write_json(args.out / f"timings_{i:04d}.json",
+                       {"video": i, "prompts": videos[i], "timings": [t.__dict__ for t in timings]})
 
     if groups.rank == 0:
         ex = sp.exchange
+        preset = cfg.stream_preset
         measured = {k: v // max(blocks_done, 1) for k, v in ex.sent.items()}
-        analytic = config.block_bytes(preset, torch.tensor([], dtype=dtype).element_size())
+        analytic = config_block_bytes(cfg, torch.tensor([], dtype=torch_dtype(cfg.dtype)).element_size())
         frames = preset.vae.temporal_factor * preset.stream.frames_per_block
         dit_s = sum(t.dit_ms for t in steady) / 1e3
         metrics = {
-            "sp_size": config.sp_size, "dp_size": groups.dp_size, "kv_cache": config.kv_cache,
-            "kv_comm": config.exchange, "preset": preset.name, "steps": preset.stream.steps,
-            "precision": str(dtype).replace("torch.", ""), "device": str(device),
+            "sp_size": cfg.sp_size, "dp_size": groups.dp_size, "kv_cache": cfg.kv_cache,
+            "kv_comm": cfg.kv_exchange, "preset": preset.name, "steps": preset.stream.steps,
+            "dtype": cfg.dtype, "precision": cfg.precision, "device": str(device),
             "videos": len(mine), "blocks": blocks_done, "measured_blocks": len(steady),
             "dit_fps": frames * len(steady) / dit_s if steady and dit_s > 0 else None,
             "e2e_fps": frames * len(steady) / e2e_s if steady and e2e_s > 0 else None,
             "block_ms_p50": statistics.median(t.total_ms for t in steady) if steady else None,
             "dit_block_ms_p50": statistics.median(t.dit_ms for t in steady) if steady else None,
             "comm_bytes_per_block": sum(measured.values()),
-            "comm_bytes_per_block_all_ranks": sum(measured.values()) * config.sp_size,
+            "comm_bytes_per_block_all_ranks": sum(measured.values()) * cfg.sp_size,
             "comm_kv_bytes_per_block": measured["kv"],
             "comm_bytes_per_block_analytic": analytic.total,
             "comm_by_category": measured,
@@ -374,7 +251,7 @@ def _run(args, preset: Preset, config: SPInferenceConfig, videos: list[list[str]
         if device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if args.metrics_out is not None:
-            _write_json(args.metrics_out, metrics)
+            write_json(args.metrics_out, metrics)
         print(json.dumps({k: metrics[k] for k in ("sp_size", "kv_comm", "dit_fps", "e2e_fps",
                                                   "comm_bytes_per_block")}))
     return 0

@@ -14,7 +14,7 @@ from torch import nn
 
 from impl.memory import module_bytes
 from impl.quant.config import QuantConfig
-from impl.quant.linear import Fp8Linear, NVFP4EmulatedLinear, NVFP4WeightOnlyLinear
+from impl.quant.linear import Fp8Linear, NVFP4EmulatedLinear, NVFP4WeightOnlyLinear, QuantLinear
 
 BLOCK_PREFIX = "blocks."
 
@@ -29,7 +29,12 @@ class QuantReport:
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(BLOCK_PREFIX)]
+    """Names of the block linears, plain (``nn.Linear``) or already quantized."""
+    return [n for n, m in model.named_modules() if n.startswith(BLOCK_PREFIX) and _is_linear(m)]
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, QuantLinear)) or type(m).__name__ == "TENVFP4Linear"   # TE: optional import
 
 
 def merge_lora(model: nn.Module) -> int:
@@ -59,9 +64,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> QuantReport:
     """Replace the block linears of ``model`` in place according to ``cfg``."""
     if merge_lora(model):
         warnings.warn("quantize_model: merged LoRA weights into the base linears first", stacklevel=2)
-    names = block_linear_names(model)
+    names = [n for n in block_linear_names(model) if isinstance(model.get_submodule(n), nn.Linear)]
     if not names:
-        raise ValueError("quantize_model: the model has no block linears (names starting with 'blocks.')")
+        raise ValueError("quantize_model: the model has no unquantized block linears (names starting with 'blocks.')")
     kept = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(names)
     before = block_linear_bytes(model, names)
     device = next(model.parameters()).device
@@ -88,8 +93,7 @@ def make_quant_linear(linear: nn.Linear, mode: str, cfg: QuantConfig) -> nn.Modu
 
 
 def block_linear_bytes(model: nn.Module, names: list[str] | None = None) -> int:
-    """Bytes held by the block linears (weights, biases, quantized buffers). Pass the names
-    taken before quantization: quantized layers are no longer ``nn.Linear``."""
+    """Bytes held by the block linears (weights, biases, quantized buffers), quantized or not."""
     return sum(module_bytes(model.get_submodule(n)) for n in (names or block_linear_names(model)))
 
 

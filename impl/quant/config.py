@@ -1,14 +1,11 @@
-"""Typed quantization settings for the DiT's block linears and the KV cache."""
+"""Typed quantization settings for the DiT's block linears (allowed values: :mod:`impl.modes`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from impl import modes
 from impl.config import ConfigError, _require
-from impl.quant.nvfp4 import SCALE_RULES
-
-LINEAR_MODES = ("bf16", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only", "nvfp4_te")
-KV_STORAGES = ("bf16", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -30,21 +27,18 @@ class QuantConfig:
       every forward (training); False quantizes once and frees it (inference memory).
     """
 
-    mode: str = "bf16"
-    weight_rule: str = "mse"
-    activation_rule: str = "mse"
-    grad_rule: str = "mse"
+    mode: modes.Precision = "bf16"
+    weight_rule: modes.ScaleRule = "mse"
+    activation_rule: modes.ScaleRule = "mse"
+    grad_rule: modes.ScaleRule = "mse"
     weight_2d: bool = False
     quantize_grads: bool = True
     keep_master_weights: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.mode in LINEAR_MODES, "QuantConfig.mode",
-                 f"must be one of {LINEAR_MODES}, got {self.mode!r}")
+        modes.check_choice(self.mode, modes.Precision, "QuantConfig.mode")
         for name in ("weight_rule", "activation_rule", "grad_rule"):
-            value = getattr(self, name)
-            _require(value in SCALE_RULES, f"QuantConfig.{name}",
-                     f"must be one of {tuple(SCALE_RULES)}, got {value!r}")
+            modes.check_choice(getattr(self, name), modes.ScaleRule, f"QuantConfig.{name}")
         _require(not (self.mode == "nvfp4_weight_only" and self.keep_master_weights),
                  "QuantConfig.keep_master_weights", "nvfp4_weight_only is inference-only")
 
@@ -61,8 +55,3 @@ class QuantConfig:
             raise ConfigError("QuantConfig.mode: nvfp4_weight_only is inference-only; "
                               "train with nvfp4_emulated or nvfp4_te")
         return cls(mode=mode, weight_rule="static_6", weight_2d=True, keep_master_weights=True)
-
-
-def check_kv_storage(storage: str, rule: str = "mse") -> None:
-    _require(storage in KV_STORAGES, "kv_cache", f"must be one of {KV_STORAGES}, got {storage!r}")
-    _require(rule in SCALE_RULES, "kv_rule", f"must be one of {tuple(SCALE_RULES)}, got {rule!r}")

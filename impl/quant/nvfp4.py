@@ -19,21 +19,30 @@ file bit for bit; tests check it):
   (sum of squared / sum of absolute / max absolute error of the decoded values), ties to 6.
   The errors are exact per element in float64 and summed in a fixed pairwise tree (a
   transpose-symmetric quad tree for 16x16 tiles), so every backend sums in the same order.
+
+Layering: :mod:`impl.quant.nvfp4_format` holds the format's shared names (block size, packing,
+scale rules, the :class:`NVFP4Tensor` container, input checks); :mod:`impl.quant.triton_nvfp4`
+builds on it alone; this module builds on both and dispatches to Triton on CUDA.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from impl.memory import tensor_bytes
+from impl.quant import triton_nvfp4
+from impl.quant.nvfp4_format import (E2M1_VALUES, GROUP, SCALE_RULES, NVFP4Tensor, QuantFormatError,
+                                     ScaleRule, check_amax, check_input, get_rule, global_decode_scale,
+                                     pack_codes, unpack_codes)
 
-GROUP = 16
-E2M1_MAX = 6.0
+# The format's names are re-exported: callers import them from here.
+__all__ = ["E2M1_MIDPOINTS", "E2M1_VALUES", "E4M3_MAX", "GROUP", "SCALE_RULES", "NVFP4Tensor",
+           "QuantFormatError", "ScaleRule", "dequantize", "dequantize_kv", "e2m1_magnitude_code",
+           "e2m1_stochastic_code", "get_rule", "global_decode_scale", "pack_codes", "pairwise_sum16",
+           "quadtree_sum16x16", "quantize", "round_to_e4m3", "sqnr_db", "unpack_codes"]
+
 E4M3_MAX = 448.0
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring E2M1 magnitudes, and whether a tie rounds up (to the even code).
 E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
                   (3.5, True), (5.0, False))
@@ -45,68 +54,6 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy, i.e. a stream
     synchronisation inside every quantize call. Read-only by convention."""
     return torch.tensor(values, dtype=dtype, device=device)
-
-
-@dataclass(frozen=True)
-class ScaleRule:
-    """How block scales are chosen. ``tensor_q * max_scale`` sets the tensor decode factor."""
-
-    name: str
-    tensor_q: float            # Qt: E2M1 value the tensor amax maps to
-    max_scale: float           # M: largest block scale the tensor amax maps to
-    candidates: tuple[float, ...]  # Qb values tried per block
-    error: str | None          # block error used to choose: "mse" | "mae" | "abs_max" | None
-
-
-SCALE_RULES = {
-    "static_6": ScaleRule("static_6", 6.0, 448.0, (6.0,), None),
-    "static_4": ScaleRule("static_4", 4.0, 448.0, (4.0,), None),
-    # 4-over-6: M = 256 keeps 1.5 * s6 <= 384 representable in E4M3.
-    "mse": ScaleRule("mse", 6.0, 256.0, (6.0, 4.0), "mse"),
-    "mae": ScaleRule("mae", 6.0, 256.0, (6.0, 4.0), "mae"),
-    "abs_max": ScaleRule("abs_max", 6.0, 256.0, (6.0, 4.0), "abs_max"),
-}
-
-
-class QuantFormatError(ValueError):
-    """Bad input to a quantizer (shape, rule, dtype); the message says what is allowed."""
-
-
-def get_rule(rule: str | ScaleRule) -> ScaleRule:
-    if isinstance(rule, ScaleRule):
-        return rule
-    if rule not in SCALE_RULES:
-        raise QuantFormatError(f"scale rule: unknown rule {rule!r}; allowed: {sorted(SCALE_RULES)}")
-    return SCALE_RULES[rule]
-
-
-@dataclass
-class NVFP4Tensor:
-    """A quantized tensor of logical shape ``[..., K]`` (K a multiple of 16).
-
-    packed: uint8 [..., K/2]; scales: float8_e4m3fn [..., K/16];
-    global_scale: float32 decode factor ``gd``, broadcastable to ``scales``.
-    """
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    global_scale: torch.Tensor
-    rule: str
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.packed.shape[:-1], self.packed.shape[-1] * 2))
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes((self.packed, self.scales, self.global_scale))
-
-    def codes(self) -> torch.Tensor:
-        return unpack_codes(self.packed)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32, *, with_global: bool = True) -> torch.Tensor:
-        """``code * s * gd`` (or ``code * s`` without the global factor, exact in bf16)."""
-        return dequantize(self, dtype, with_global=with_global)
 
 
 # ---- rounding helpers (float64, exact) ----
@@ -154,31 +101,6 @@ def quadtree_sum16x16(e: torch.Tensor) -> torch.Tensor:
 
 # ---- quantize / dequantize ----
 
-def _check_input(x: torch.Tensor, tile_2d: bool) -> None:
-    if not x.is_floating_point():
-        raise QuantFormatError(f"NVFP4 quantize: expected a floating-point tensor, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] % GROUP:
-        raise QuantFormatError(f"NVFP4 quantize: the last dimension must be a multiple of {GROUP}, "
-                               f"got shape {tuple(x.shape)}")
-    if tile_2d and (x.dim() != 2 or x.shape[0] % GROUP):
-        raise QuantFormatError(f"NVFP4 quantize: 16x16 tiles need a 2-D tensor whose both dims are "
-                               f"multiples of {GROUP}, got shape {tuple(x.shape)}")
-
-
-def _check_amax(amax: torch.Tensor, x: torch.Tensor, tile_2d: bool) -> None:
-    if amax.dim() == 0:
-        return
-    if tile_2d or amax.dim() != x.dim() or amax.shape[-1] != 1:
-        raise QuantFormatError(f"NVFP4 quantize: amax must be a scalar{'' if tile_2d else ' or broadcastable to [..., 1]'}"
-                               f" for x of shape {tuple(x.shape)}, got shape {tuple(amax.shape)}")
-
-
-def global_decode_scale(amax: torch.Tensor, rule: str | ScaleRule) -> torch.Tensor:
-    """``gd = fp32(amax / (Qt * M))``: one IEEE float32 division (exactly rounded)."""
-    r = get_rule(rule)
-    return amax.float() / (r.tensor_q * r.max_scale)
-
-
 def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *, amax: torch.Tensor | None = None,
              tile_2d: bool = False, uniform: torch.Tensor | None = None,
              backend: str = "auto") -> NVFP4Tensor:
@@ -192,11 +114,10 @@ def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *, amax: torch
     backend: "torch", "triton" (CUDA; 1x16, round-to-nearest) or "auto" (Triton when it applies).
     """
     r = get_rule(rule)
-    _check_input(x, tile_2d)
+    check_input(x, tile_2d=tile_2d)
     if backend not in ("auto", "torch", "triton"):
         raise QuantFormatError(f"NVFP4 quantize: backend must be auto|torch|triton, got {backend!r}")
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        from impl.quant import triton_nvfp4
         usable = triton_nvfp4.supports(x, tile_2d=tile_2d, stochastic=uniform is not None)
         if backend == "triton" and not usable:
             raise QuantFormatError("NVFP4 quantize: the Triton backend needs a CUDA tensor, Triton, "
@@ -217,7 +138,7 @@ def _quantize_torch(x: torch.Tensor, r: ScaleRule, *, amax: torch.Tensor | None,
                     uniform: torch.Tensor | None) -> NVFP4Tensor:
     if amax is None:
         amax = x.detach().abs().amax().float()
-    _check_amax(amax, x, tile_2d)
+    check_amax(amax, x, tile_2d=tile_2d)
     k = x.shape[-1]
     rows = x.numel() // k
     chunk_rows = max(GROUP, _CHUNK_ELEMENTS // k // GROUP * GROUP)
@@ -296,15 +217,6 @@ def _block_error(blocks: torch.Tensor, code: torch.Tensor, s: torch.Tensor, gd_b
     return e.amax(dim=-1) if kind == "abs_max" else pairwise_sum16(e)
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [..., K] (0..15) -> bytes [..., K/2], the even element in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
-
-
 def _code_values(device: torch.device) -> torch.Tensor:
     mags = _constant(E2M1_VALUES, torch.float32, torch.device(device))
     return torch.cat([mags, -mags])
@@ -315,7 +227,6 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32, *, with_globa
 
     On CUDA the Triton kernel does it (bit-identical, about 20x the bandwidth of these ops)."""
     if t.packed.is_cuda and dtype in (torch.bfloat16, torch.float16, torch.float32):
-        from impl.quant import triton_nvfp4
         if triton_nvfp4.available():
             return triton_nvfp4.dequantize(t, dtype, with_global=with_global)
     vals = _code_values(t.packed.device)[unpack_codes(t.packed).long()]  # [..., K] fp32
@@ -332,16 +243,10 @@ def dequantize_kv(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     scales [B, H, T, D/16] (strided views allowed), gd [B, slots]: token t uses gd[b, t // tpb].
     On CUDA one Triton kernel does it; elsewhere :func:`dequantize` with per-token scales."""
     if out.is_cuda:
-        from impl.quant import triton_nvfp4
         triton_nvfp4.dequantize_kv(out, packed, scales, gd, tokens_per_block)
         return
     per_token = gd.repeat_interleave(tokens_per_block, dim=1)[:, None, :packed.shape[2], None]  # [B, 1, T, 1]
-    out.copy_(NVFP4Tensor(packed, scales, per_token, "").dequantize(out.dtype))
-
-
-def fake_quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", **kwargs) -> torch.Tensor:
-    """Quantize then dequantize to x's dtype (no gradient)."""
-    return quantize(x, rule, **kwargs).dequantize(x.dtype)
+    out.copy_(dequantize(NVFP4Tensor(packed, scales, per_token, ""), out.dtype))
 
 
 def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from impl.quant.nvfp4 import E2M1_VALUES, GROUP, get_rule
+from impl.quant.nvfp4_format import E2M1_VALUES, GROUP, get_rule
 
 
 def e4m3_table() -> np.ndarray:

@@ -1,8 +1,12 @@
 """Triton kernels for NVFP4 (1x16 blocks, round-to-nearest): quantize, dequantize, the KV-cache
 dequantize and a weight-only NVFP4 GEMM.
 
-The quantizer agrees with :func:`impl.quant.nvfp4._quantize_torch` bit for bit (packed bytes,
-scales, global scale) for every scale rule; the tests in ``tests/test_triton_nvfp4.py`` check it.
+The quantizer agrees with the PyTorch path of :func:`impl.quant.nvfp4.quantize` (``backend="torch"``)
+bit for bit (packed bytes, scales, global scale) for every scale rule; the tests in
+``tests/test_triton_nvfp4.py`` check it. This module builds on :mod:`impl.quant.nvfp4_format`
+only (``impl.quant.nvfp4`` dispatches here, not the other way round). Launch shapes are
+arguments of each call (:class:`QuantTuning`, :class:`DequantTuning`, :class:`KVDequantTuning`,
+the GEMM's ``config``), never module state, so a benchmark sweep cannot leak into other calls.
 How each rounding is made exact without a division in the kernel:
 
 - ``gd = fp32(amax / (Qt * M))`` is computed by torch (:func:`global_decode_scale`), exactly as
@@ -34,11 +38,13 @@ Non-finite inputs (NaN / inf in ``x``) are not part of the bit-exact contract.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from impl.quant.nvfp4 import (GROUP, NVFP4Tensor, QuantFormatError, ScaleRule, _check_amax,
-                              _check_input, get_rule, global_decode_scale)
+from impl.quant.nvfp4_format import (E2M1_VALUES, GROUP, NVFP4Tensor, QuantFormatError, ScaleRule,
+                                     check_amax, check_input, get_rule, global_decode_scale,
+                                     unpack_codes)
 
 try:  # Triton is optional: on a CPU-only machine this module imports and supports() is False.
     import triton
@@ -51,11 +57,68 @@ except Exception:  # pragma: no cover - depends on the machine
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ERR_CODE = {None: 0, "mse": 1, "mae": 2, "abs_max": 3}
-# Tiles switch to the float64 paths below gd = 2^-90 (the kernels spell it 8.077935669463161e-28).
-_FAST_GD_MIN = 2.0 ** -90
+# The kernels switch whole tiles to the float64 paths below gd = 2^-90 (spelled
+# 8.077935669463161e-28 there).
 
-# Launch configurations; keys may be overridden (benchmark sweeps): see _quant_cfg etc.
-TUNE: dict = {}
+
+def _check_pow2(owner: str, minimum: int = 1, **values: int | None) -> None:
+    """tl.arange needs power-of-two extents: reject a bad launch shape before compiling."""
+    for name, v in values.items():
+        if v is not None and (not isinstance(v, int) or v < minimum or v & (v - 1)):
+            raise QuantFormatError(f"{owner}.{name}: must be a power of two >= {minimum}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class QuantTuning:
+    """Launch shape of the quantize kernel: tiles of ``elems // block_k`` rows x ``block_k``.
+
+    With 16-bit inputs the default puts one block of 16 (two 8-element halves) on a thread."""
+
+    block_k: int | None = None   # None: 64 for K <= 64, else 128
+    elems: int = 2048
+    warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_pow2("QuantTuning", elems=self.elems, warps=self.warps)
+        _check_pow2("QuantTuning", GROUP, block_k=self.block_k)
+
+    def shape(self, K: int) -> tuple[int, int, int]:
+        """(rows per tile, block_k, warps) for a last dimension of ``K``."""
+        bk = self.block_k or (64 if K <= 64 else 128)
+        return max(1, self.elems // bk), bk, self.warps
+
+
+@dataclass(frozen=True)
+class DequantTuning:
+    """Launch shape of the generic dequantize kernel: tiles of ``elems // block_k`` rows."""
+
+    block_k: int | None = None   # None: min(512, next power of two >= K)
+    elems: int = 8192
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        _check_pow2("DequantTuning", elems=self.elems, warps=self.warps)
+        _check_pow2("DequantTuning", GROUP, block_k=self.block_k)
+
+    def shape(self, K: int) -> tuple[int, int, int]:
+        """(rows per tile, block_k, warps) for a last dimension of ``K``."""
+        bk = self.block_k or min(512, _next_pow2(K))
+        return max(1, self.elems // bk), bk, self.warps
+
+
+@dataclass(frozen=True)
+class KVDequantTuning:
+    """Launch shape of the KV-cache dequantize kernel: ``block_t`` tokens of one (batch, head)."""
+
+    block_t: int | None = None   # None: 2048 elements per program
+    warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_pow2("KVDequantTuning", block_t=self.block_t, warps=self.warps)
+
+    def shape(self, D: int) -> tuple[int, int]:
+        """(tokens per program, warps) for a head dim of ``D``."""
+        return self.block_t or max(1, 2048 // D), self.warps
 
 
 def available() -> bool:
@@ -363,7 +426,7 @@ if _HAVE_TRITON:
         return _pairwise8(a + b)
 
     @triton.jit
-    def _codes_v1(ax3, s, gd2, fast):
+    def _codes_f64_scale(ax3, s, gd2, fast):
         """E2M1 index with a float64 block scale ``s`` (32-bit-input kernel): the same binary
         search over the midpoints with exact fma signs (gd >= 2^-90), or in float64."""
         if fast:
@@ -387,7 +450,7 @@ if _HAVE_TRITON:
         return tl.where(valid[:, :, None], c, 0)
 
     @triton.jit
-    def _block_err_v1(a64, c, s, gd2, ERR: tl.constexpr):
+    def _block_err_f64_scale(a64, c, s, gd2, ERR: tl.constexpr):
         sg = tl.broadcast_to((s * gd2.to(tl.float64))[:, :, None], a64.shape)   # exact
         e = tl.fma(-_mag64(c), sg, a64)                 # = RN(|x| - mag*s*gd): product exact
         if ERR == 3:
@@ -430,13 +493,13 @@ if _HAVE_TRITON:
             gd2 = tl.zeros([BLOCK_R, 1], tl.float32) + gds
             fast = (gds >= 8.077935669463161e-28) | (gds <= 0)
         s = _block_scale(bmax, gd2, QB0)
-        c = _codes_v1(ax3, s, gd2, fast)
+        c = _codes_f64_scale(ax3, s, gd2, fast)
         if ERR != 0:
             s1 = _block_scale(bmax, gd2, QB1)
-            c1 = _codes_v1(ax3, s1, gd2, fast)
+            c1 = _codes_f64_scale(ax3, s1, gd2, fast)
             a64 = ax3.to(tl.float64)
-            err0 = _block_err_v1(a64, c, s, gd2, ERR)
-            err1 = _block_err_v1(a64, c1, s1, gd2, ERR)
+            err0 = _block_err_f64_scale(a64, c, s, gd2, ERR)
+            err1 = _block_err_f64_scale(a64, c1, s1, gd2, ERR)
             better = err1 < err0                       # strict: ties keep Qb = 6
             s = tl.where(better, s1, s)
             c = tl.where(better[:, :, None], c1, c)
@@ -600,22 +663,14 @@ def _rows_gd(gd: torch.Tensor, lead: tuple, device) -> torch.Tensor:
     return gd.to(device=device, dtype=torch.float32).expand(*lead, 1).reshape(-1).contiguous()
 
 
-def _quant_cfg(K: int, err: int) -> tuple[int, int, int]:
-    # 16-bit inputs: 16 elements (one block, as two 8-element halves) per thread at 2048 / 4 warps
-    bk = TUNE.get("quant_block_k") or (64 if K <= 64 else 128)
-    elems = TUNE.get("quant_elems_err" if err else "quant_elems") or 2048
-    br = max(1, elems // bk)
-    nw = TUNE.get("quant_warps_err" if err else "quant_warps") or 4
-    return br, bk, nw
-
-
 def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *,
-             amax: torch.Tensor | None = None) -> NVFP4Tensor:
+             amax: torch.Tensor | None = None, tuning: QuantTuning = QuantTuning()) -> NVFP4Tensor:
     """NVFP4-quantize ``x [..., K]`` (1x16 blocks, round-to-nearest); bit-identical to
-    ``impl.quant.nvfp4._quantize_torch``. ``amax``: scalar, or broadcastable to ``[..., 1]``."""
+    ``impl.quant.nvfp4.quantize(..., backend="torch")``. ``amax``: scalar, or broadcastable to
+    ``[..., 1]``. ``tuning``: the launch shape (any valid one gives the same bits)."""
     _need_triton()
     r = get_rule(rule)
-    _check_input(x, False)
+    check_input(x)
     if x.dtype not in _DTYPES or not _dev_ok(x):
         raise QuantFormatError(f"NVFP4 Triton quantize: needs a CUDA tensor of {_DTYPES}, "
                                f"got {x.dtype} on {x.device}")
@@ -625,12 +680,12 @@ def quantize(x: torch.Tensor, rule: str | ScaleRule = "static_6", *,
             amax = x.abs().amax()            # raises like the torch path
         mn, mx = torch.aminmax(x)
         amax = torch.maximum(mn.abs(), mx.abs()).float()
-    _check_amax(amax, x, False)
+    check_amax(amax, x)
     gd = global_decode_scale(amax.float(), r)
-    return _quantize_launch(x, r, gd)
+    return _quantize_launch(x, r, gd, tuning)
 
 
-def _quantize_launch(x: torch.Tensor, r: ScaleRule, gd: torch.Tensor) -> NVFP4Tensor:
+def _quantize_launch(x: torch.Tensor, r: ScaleRule, gd: torch.Tensor, tuning: QuantTuning) -> NVFP4Tensor:
     K = x.shape[-1]
     lead = tuple(x.shape[:-1])
     xc = x.contiguous().view(-1, K)
@@ -645,7 +700,7 @@ def _quantize_launch(x: torch.Tensor, r: ScaleRule, gd: torch.Tensor) -> NVFP4Te
     qb0 = float(r.candidates[0])
     qb1 = float(r.candidates[1]) if len(r.candidates) > 1 else qb0
     if R > 0:
-        br, bk, nw = _quant_cfg(K, err)
+        br, bk, nw = tuning.shape(K)
         grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
         kernel = _nvfp4_quant_kernel if xc.element_size() == 2 else _nvfp4_quant_kernel_2d
         kernel[grid](xc, gd_arg, packed.view(-1, K // 2),
@@ -656,8 +711,8 @@ def _quantize_launch(x: torch.Tensor, r: ScaleRule, gd: torch.Tensor) -> NVFP4Te
 
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16, *, with_global: bool = True,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(code * s) * gd`` in float32, cast to ``dtype``: bit-identical to
+               out: torch.Tensor | None = None, tuning: DequantTuning = DequantTuning()) -> torch.Tensor:
+    """``(code * s) * gd`` in float32, cast to ``dtype``: bit-identical to the PyTorch path of
     ``impl.quant.nvfp4.dequantize``. ``out``: optional preallocated result of ``t.shape``."""
     _need_triton()
     packed, scales = t.packed, t.scales
@@ -684,9 +739,7 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16, *, with_glob
     else:
         mode, gd_arg = 2, _rows_gd(gd, lead, packed.device)
     if R > 0 and K > 0:
-        bk = TUNE.get("deq_block_k") or min(512, _next_pow2(K))
-        br = max(1, (TUNE.get("deq_elems") or 8192) // bk)
-        nw = TUNE.get("deq_warps") or 8
+        br, bk, nw = tuning.shape(K)
         grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
         _nvfp4_dequant_kernel[grid](packed.contiguous().view(-1, K // 2),
                                     scales.contiguous().view(torch.uint8).view(-1, K // GROUP),
@@ -699,7 +752,7 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16, *, with_glob
 
 
 def dequantize_kv(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gd: torch.Tensor,
-                  tokens_per_block: int) -> torch.Tensor:
+                  tokens_per_block: int, *, tuning: KVDequantTuning = KVDequantTuning()) -> torch.Tensor:
     """Decode an NVFP4 KV cache into ``out``.
 
     packed uint8 [B, H, T, D/2], scales float8_e4m3fn [B, H, T, D/16] (strided views allowed; the
@@ -721,16 +774,15 @@ def dequantize_kv(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     nb = D // GROUP
     if nb & (nb - 1) or packed.stride(-1) != 1 or scales.stride(-1) != 1 or out.stride(-1) != 1:
         # unusual head dims or layouts: the same arithmetic in torch
-        vals = torch.cat([_mags(packed.device), -_mags(packed.device)])[
-            torch.stack([packed & 0xF, packed >> 4], -1).flatten(-2).long()]
+        mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+        vals = torch.cat([mags, -mags])[unpack_codes(packed).long()]
         vals = vals.unflatten(-1, (-1, GROUP)) * scales.float().unsqueeze(-1)
         slot = torch.arange(T, device=packed.device) // tokens_per_block
         g = gd.float()[:, slot][:, None, :, None, None]
         out.copy_((vals * g).flatten(-2))
         return out
     gd32 = gd if gd.dtype == torch.float32 else gd.float()
-    bt = TUNE.get("kv_block_t") or max(1, 2048 // D)
-    nw = TUNE.get("kv_warps") or 4
+    bt, nw = tuning.shape(D)
     grid = (triton.cdiv(T, bt), B * H)
     _nvfp4_dequant_kv_kernel[grid](packed, scales.view(torch.uint8), gd32, out, H, T, int(tokens_per_block),
                                    packed.stride(0), packed.stride(1), packed.stride(2),
@@ -739,10 +791,6 @@ def dequantize_kv(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                                    gd32.stride(0), gd32.stride(1),
                                    D=D, BLOCK_T=bt, num_warps=nw, **_launch_opts())
     return out
-
-
-def _mags(device) -> torch.Tensor:
-    return torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), dtype=torch.float32, device=device)
 
 
 def weight_only_matmul(x: torch.Tensor, w: NVFP4Tensor, bias: torch.Tensor | None = None, *,

@@ -9,7 +9,10 @@ impl.train`` is a single process. ``--config file.yaml`` holds any TrainConfig f
 flags override it. ``--data`` is a video folder (mp4 + caption sidecars), ``synthetic-video``
 (procedural clips through the VAE) or ``synthetic-latents`` (pre-encoded random latents, no
 VAE or text encoder: speed runs). Without ``--vae``/``--text-encoder`` the preset's randomly
-initialised ones are used. Checkpoints go to ``--out`` and a rerun resumes from the newest.
+initialised ones are used. ``--dtype`` is the compute dtype, ``--precision`` the format of the
+block linears (bf16 = not quantized; a config file from before the split that says
+``precision: fp32`` loads as ``dtype: fp32``). Checkpoints go to ``--out`` and a rerun
+resumes from the newest.
 """
 
 from __future__ import annotations
@@ -22,34 +25,74 @@ from typing import Any, Sequence
 
 import yaml
 
-from impl.config import ConfigError
+from impl.config import PRESETS, ConfigError
+from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, choices
+from impl.train.config import LEGACY_DTYPE_PRECISIONS, TrainConfig, upgrade_config_dict
 
-_FLAGS = {  # TrainConfig field -> type of its --flag
-    "preset": str, "num_layers": int, "frames": int, "precision": str, "sp_size": int, "sp_layout": str,
-    "attention_backend": str, "batch_size": int, "grad_accum": int, "steps": int, "lr": float,
-    "checkpoint_every": int, "vae_halo": int, "seed": int,
+# TrainConfig field -> (type of its --flag, help, Literal of its allowed values or None). The
+# flags default to None (unset: the --config file's value, else TrainConfig's default, which
+# the help shows).
+_FLAGS: dict[str, tuple[type, str, Any]] = {
+    "preset": (str, f"model size preset: {' | '.join(sorted(PRESETS))}", None),
+    "num_layers": (int, "DiT depth override at the preset's width (speed runs); unset: the preset's depth", None),
+    "frames": (int, "latent frames per clip, whole AR blocks (the release trains 96)", None),
+    "dtype": (str, "compute dtype of the DiT, VAE and text encoder", DType),
+    "precision": (str, "format of the block linears: bf16 = not quantized (they run in --dtype); the quantized "
+                       "formats need --dtype bf16, nvfp4_te a Blackwell GPU", TrainPrecision),
+    "sp_size": (int, "ranks per sequence-parallel group (the world is sp_size x DP replicas)", None),
+    "sp_layout": (str, "teacher-forcing token layout under SP: balanced = each rank holds the clean and noisy "
+                       "copy of one chunk; naive = the [clean ; noisy] sequence cut in sp parts", SPLayout),
+    "attention_backend": (str, "masked attention core: auto = flex on CUDA, dense elsewhere", TrainAttention),
+    "batch_size": (int, "clips per rank per micro-step", None),
+    "grad_accum": (int, "micro-steps per optimizer step", None),
+    "steps": (int, "optimizer steps to train to (a resumed run continues up to this total)", None),
+    "lr": (float, "AdamW learning rate", None),
+    "checkpoint_every": (int, "optimizer steps between checkpoints (0 = only at the end)", None),
+    "vae_halo": (int, "latents each SP rank encodes before its chunk and drops (>= 27, the VAE encoder's "
+                      "receptive field, is exact)", None),
+    "seed": (int, "seed of the weights, data, noise and timesteps", None),
 }
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _flag_help(text: str, kind: Any, default: Any) -> str:
+    allowed = f"; one of {', '.join(choices(kind))}" if kind is not None else ""
+    return f"{text}{allowed} (default: {'unset' if default is None else default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m impl.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
-    for name, typ in _FLAGS.items():
-        ap.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None)
-    ap.add_argument("--compile", action="store_true", default=None, help="torch.compile the block halves")
-    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None)
-    ap.add_argument("--data", required=True, help="video folder | synthetic-video | synthetic-latents")
-    ap.add_argument("--data-length", type=int, default=64, help="number of synthetic clips")
-    ap.add_argument("--vae", help="Wan2.2 VAE (diffusers folder or pipeline root); default: random preset VAE")
-    ap.add_argument("--text-encoder", help="umT5 encoder folder or pipeline root; default: random preset encoder")
-    ap.add_argument("--dit", help="initial DiT weights (diffusers or original layout)")
-    ap.add_argument("--out", required=True, type=Path, help="checkpoint and log folder")
+    ap.add_argument("--config", type=Path, help="YAML file of TrainConfig fields; flags override it (default: none)")
+    defaults = TrainConfig().to_dict()
+    for name, (typ, text, kind) in _FLAGS.items():
+        # Allowed values are checked by TrainConfig, so a bad value is a ConfigError naming the field.
+        ap.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None,
+                        metavar=typ.__name__.upper() if kind is None else "{" + ",".join(choices(kind)) + "}",
+                        help=_flag_help(text, kind, defaults[name]))
+    ap.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the blocks' pure halves (norms, projections, FFN) (default: off)")
+    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                    help="keep every block's activations instead of recomputing them in backward "
+                         "(default: checkpointing on)")
+    ap.add_argument("--data", required=True,
+                    help="a video folder (mp4 + .txt/.json caption sidecars) | synthetic-video | synthetic-latents "
+                         "(required)")
+    ap.add_argument("--data-length", type=int, default=64, help="number of synthetic clips (default: 64)")
+    ap.add_argument("--vae", help="Wan2.2 VAE (diffusers folder or pipeline root) (default: random preset VAE)")
+    ap.add_argument("--text-encoder",
+                    help="umT5 encoder folder or pipeline root (default: random preset encoder)")
+    ap.add_argument("--dit", help="initial DiT weights, diffusers or original layout (default: random)")
+    ap.add_argument("--out", required=True, type=Path, help="checkpoint and log folder (required)")
     ap.add_argument("--metrics-out", type=Path,
                     help="JSON summary written by global rank 0 at the end: world size, device, and every "
-                         "rank's peak GPU memory (speed runs; the per-step log is OUT/train_log.jsonl)")
-    ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+                         "rank's peak GPU memory (speed runs; the per-step log is OUT/train_log.jsonl) "
+                         "(default: none)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on rank 0)")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_summary(cfg, device, world: int) -> dict[str, Any]:
@@ -66,9 +109,7 @@ def run_summary(cfg, device, world: int) -> dict[str, Any]:
             "peak_mem_gb_per_rank": peaks}
 
 
-def build_config(args: argparse.Namespace):
-    from impl.train.config import TrainConfig
-
+def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config is not None:
         if not args.config.is_file():
@@ -76,7 +117,10 @@ def build_config(args: argparse.Namespace):
         loaded = yaml.safe_load(args.config.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {args.config} must hold a mapping of TrainConfig fields")
-        values.update(loaded)
+        values.update(upgrade_config_dict(loaded))   # an old file's precision: fp32 is its dtype
+    if args.precision in LEGACY_DTYPE_PRECISIONS:   # old command lines: say so instead of reinterpreting
+        raise ConfigError(f"--precision: {args.precision} is a compute dtype, not a block-linear format; "
+                          f"use --dtype {args.precision}")
     for name in [*_FLAGS, "compile", "gradient_checkpointing"]:
         v = getattr(args, name)
         if v is not None:
@@ -85,7 +129,8 @@ def build_config(args: argparse.Namespace):
 
 
 def build_source(args, cfg, preset):
-    from impl.train.data import SyntheticLatentSource, SyntheticVideoSource, VideoFolderDataset
+    from impl.train.synthetic import SyntheticLatentSource, SyntheticVideoSource
+    from impl.train.video_folder import VideoFolderDataset
 
     fpb = preset.stream.frames_per_block
     h, w = preset.video.height, preset.video.width
@@ -112,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from impl.config import get_preset
     from impl.model.checkpoint import load_dit_weights
     from impl.parallel.groups import build_groups, init_distributed
-    from impl.train.data import SyntheticLatentSource
+    from impl.train.synthetic import SyntheticLatentSource
     from impl.train.encode import ClipEncoder
     from impl.train.trainer import Trainer, build_training_model
 
@@ -124,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(source, SyntheticLatentSource):
         from impl.model.text_encoder import TextEncoder
         from impl.model.vae import build_vae, load_vae
-        from impl.train.trainer import model_dtype
-        dtype = model_dtype(cfg.precision)
+        from impl.inference.build import torch_dtype
+        dtype = torch_dtype(cfg.dtype)
         vae = load_vae(args.vae, dtype=dtype, device=device) if args.vae else \
             build_vae(preset.vae, dtype=dtype, device=device, seed=cfg.seed)
         text = TextEncoder.from_pretrained(args.text_encoder, dtype=dtype, device=device) if args.text_encoder else \

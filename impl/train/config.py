@@ -7,10 +7,22 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from impl.config import ConfigError, PRESETS, _require
-from impl.parallel.attention import BACKENDS
-from impl.parallel.layout import LAYOUTS
+from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, check_choice, choices
 
-TRAIN_PRECISIONS = ("bf16", "fp32", "fp64", "fp8", "nvfp4_emulated", "nvfp4_te")
+# Before dtype had its own field, ``precision`` also named the compute dtype: these are its
+# old values that are dtypes and not block-linear formats (fp32, fp64).
+LEGACY_DTYPE_PRECISIONS = tuple(d for d in choices(DType) if d not in choices(TrainPrecision))
+
+
+def upgrade_config_dict(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict in today's fields: a config or checkpoint written before the split
+    that says ``precision: fp32`` (or fp64) and gives no ``dtype`` meant an unquantized model
+    computing in that dtype, i.e. ``dtype: fp32, precision: bf16``. Anything else is returned
+    as it is (a copy)."""
+    out = dict(values)
+    if "dtype" not in out and out.get("precision") in LEGACY_DTYPE_PRECISIONS:
+        out["dtype"], out["precision"] = out["precision"], "bf16"
+    return out
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,11 @@ class TrainConfig:
     preset: str = "tiny"
     num_layers: int | None = None      # override the preset's depth (speed runs at 5B width)
     frames: int = 8                    # latent frames per clip (96 in the release)
-    precision: str = "bf16"
+    dtype: DType = "bf16"              # compute dtype of the model (and the VAE / text encoder)
+    precision: TrainPrecision = "bf16"  # block-linear format: bf16 = not quantized (run in dtype)
     sp_size: int = 1
-    sp_layout: str = "balanced"
-    attention_backend: str = "auto"    # auto = FlexAttention on CUDA, dense mask on CPU
+    sp_layout: SPLayout = "balanced"
+    attention_backend: TrainAttention = "auto"    # auto = FlexAttention on CUDA, dense mask on CPU
     batch_size: int = 1                # clips per rank per micro-step
     grad_accum: int = 1
     steps: int = 600                   # optimizer steps
@@ -76,11 +89,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "TrainConfig.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        _require(self.precision in TRAIN_PRECISIONS, "TrainConfig.precision",
-                 f"must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
-        _require(self.sp_layout in LAYOUTS, "TrainConfig.sp_layout", f"must be one of {LAYOUTS}, got {self.sp_layout!r}")
-        _require(self.attention_backend in BACKENDS, "TrainConfig.attention_backend",
-                 f"must be one of {BACKENDS}, got {self.attention_backend!r}")
+        for name, kind in (("dtype", DType), ("precision", TrainPrecision), ("sp_layout", SPLayout),
+                           ("attention_backend", TrainAttention)):
+            check_choice(getattr(self, name), kind, f"TrainConfig.{name}")
+        # Quantized linears keep BF16 master weights and quantize BF16 activations.
+        _require(self.precision == "bf16" or self.dtype == "bf16", "TrainConfig.precision",
+                 f"{self.precision!r} block linears train with dtype 'bf16', got dtype {self.dtype!r}")
         for name in ("frames", "sp_size", "batch_size", "grad_accum", "steps", "max_checkpoints", "log_every"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"TrainConfig.{name}", f"must be a positive integer, got {v!r}")
@@ -99,11 +113,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a dict of fields (a YAML file, a checkpoint's meta); old dicts with
+        ``precision: fp32/fp64`` load through :func:`upgrade_config_dict`."""
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise ConfigError(f"TrainConfig: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        values = dict(values)
+        values = upgrade_config_dict(values)
         er = values.get("error_recycling")
         if isinstance(er, Mapping):
             er_allowed = {f.name for f in dataclasses.fields(ErrorRecyclingConfig)}

@@ -23,29 +23,36 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from impl.config import ConfigError
+from impl.config import PRESETS, ConfigError
+from impl.modes import DType, choices
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m impl.train.distill", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--teacher", required=True, type=Path, help="AR checkpoint folder or DiT checkpoint")
-    ap.add_argument("--sampling-steps", type=int, default=4, help="student steps per block (4 or 2)")
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--blocks", type=int, default=4, help="AR blocks per rollout")
-    ap.add_argument("--lora-rank", type=int, default=128)
-    ap.add_argument("--lora-alpha", type=float, default=128.0)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--lr-critic", type=float, default=2e-6)
-    ap.add_argument("--gen-update-every", type=int, default=5)
-    ap.add_argument("--guidance-scale", type=float, default=3.0, help="teacher CFG: cond + s (cond - uncond)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
-    ap.add_argument("--prompts", type=Path, help="text file: one video per line, block prompts split by ' | '")
-    ap.add_argument("--text-encoder", help="umT5 folder; default: the preset's random encoder")
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--preset", default="tiny",
+                    help=f"model size preset: {' | '.join(sorted(PRESETS))} (default: tiny)")
+    ap.add_argument("--teacher", required=True, type=Path, help="AR checkpoint folder or DiT checkpoint (required)")
+    ap.add_argument("--sampling-steps", type=int, default=4, help="student steps per block, 4 or 2 (default: 4)")
+    ap.add_argument("--iters", type=int, default=100, help="distillation iterations (default: 100)")
+    ap.add_argument("--blocks", type=int, default=4, help="AR blocks per rollout (default: 4)")
+    ap.add_argument("--lora-rank", type=int, default=128, help="LoRA rank of student and critic (default: 128)")
+    ap.add_argument("--lora-alpha", type=float, default=128.0, help="LoRA alpha (default: 128.0)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="student learning rate (default: 1e-05)")
+    ap.add_argument("--lr-critic", type=float, default=2e-6, help="critic learning rate (default: 2e-06)")
+    ap.add_argument("--gen-update-every", type=int, default=5,
+                    help="critic updates per student update (default: 5)")
+    ap.add_argument("--guidance-scale", type=float, default=3.0,
+                    help="teacher CFG: cond + s (cond - uncond) (default: 3.0)")
+    ap.add_argument("--dtype", default="fp32", choices=choices(DType),
+                    help="compute dtype of teacher, student, critic and text encoder (default: fp32)")
+    ap.add_argument("--prompts", type=Path,
+                    help="text file: one video per line, block prompts split by ' | ' "
+                         "(default: the synthetic data's multi-shot captions)")
+    ap.add_argument("--text-encoder", help="umT5 folder (default: the preset's random encoder)")
+    ap.add_argument("--save-every", type=int, default=50, help="iterations between LoRA saves (default: 50)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the prompts (default: 0)")
+    ap.add_argument("--out", required=True, type=Path, help="folder of the LoRA files and the log (required)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on rank 0)")
     return ap.parse_args(argv)
 
 
@@ -75,11 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from impl.config import get_preset
+    from impl.inference.build import torch_dtype
     from impl.model.checkpoint import load_dit_weights
     from impl.model.dit import CausalWanDiT
     from impl.model.text_encoder import TextEncoder
     from impl.parallel.groups import build_groups, init_distributed
-    from impl.train.data import SyntheticVideoSource
+    from impl.train.synthetic import SyntheticVideoSource
     from impl.train.dmd import DMDConfig, DMDTrainer
     from impl.train.lora import LoraSpec, add_lora, base_fingerprint, save_lora
 
@@ -96,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rank, _, device = init_distributed()
     groups = build_groups(1)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.precision]
+    dtype = torch_dtype(args.dtype)
     teacher = CausalWanDiT(preset.dit, device=device, dtype=dtype)
     load_dit_weights(teacher, _teacher_file(args.teacher))
     teacher.requires_grad_(False).eval()

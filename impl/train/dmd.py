@@ -26,11 +26,12 @@ from typing import Callable, Sequence
 import torch
 
 from impl.config import ConfigError, Preset, _require
+from impl.inference.build import dtype_name, pipeline_for_model
+from impl.inference.config import InferenceConfig
 from impl.model.dit import CausalWanDiT
 from impl.model.masks import block_visibility_mask
 from impl.parallel.gradients import sync_gradients
 from impl.parallel.groups import ParallelGroups, single_process
-from impl.pipeline import StreamingPipeline
 from impl.train.flow import FlowSchedule, shared_generator
 from impl.train.optim import MasterWeightAdamW
 
@@ -76,9 +77,11 @@ class DMDTrainer:
         self.teacher, self.student, self.critic, self.cfg = teacher, student, critic, cfg
         self.device = torch.device(device)
         self.groups = groups or single_process()
-        self.preset = preset.replace(stream={"steps": cfg.steps, "guidance_scale": 1.0})
         self.embed = text_embedder
-        self.pipe = StreamingPipeline(student, self.preset, text_embedder=text_embedder, device=self.device)
+        # The student's rollouts run the deployed inference pipeline: cfg.steps steps, no CFG.
+        infer = InferenceConfig(preset=preset, steps=cfg.steps, guidance_scale=1.0, dtype=dtype_name(student.dtype))
+        self.pipe = pipeline_for_model(student, infer, self.device, text_embedder=text_embedder)
+        self.preset = self.pipe.preset
         self.schedule = FlowSchedule(self.preset.stream.shift)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_student = MasterWeightAdamW(student.named_parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)

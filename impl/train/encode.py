@@ -1,7 +1,7 @@
 """Raw clips -> what one SP rank trains on: clean latents of its frames and per-block text.
 
-Only the SP root holds the decoded video (:func:`impl.train.data.root_only_loader`):
-- balanced SP (and sp 1): :func:`impl.parallel.vae_encode.sp_encode_video`: each rank gets its
+Only the SP root holds the decoded video (:func:`impl.train.sampler.root_only_loader`):
+- balanced SP (and sp 1): :func:`impl.parallel.sp_vae_encode.sp_encode_video`: each rank gets its
   own uint8 raw window and encodes only its chunk plus the causal halo;
 - naive SP: the root encodes the whole clip and sends each rank the latents of the frames its
   half-sequence holds (the data movement the naive layout needs).
@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from impl.parallel.groups import ParallelGroups
 from impl.parallel.layout import TeacherForcingLayout
-from impl.parallel.vae_encode import DEFAULT_HALO, encode_video_exact, frames_uint8_to_float, sp_encode_video
-from impl.train.data import VideoClip
+from impl.parallel.sp_vae_encode import DEFAULT_HALO, encode_video_exact, frames_uint8_to_float, sp_encode_video
+from impl.train.samples import VideoClip
 
 
 class ClipEncoder:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from impl.config import ConfigError, StreamConfig, raw_frames_for_latents
-from impl.train.data import (Shot, VideoClip, _check_clip_args, _check_index, _check_int, _generator,
-                             _pick_cut_blocks, block_prompts_for_shots, latent_to_raw_frame)
+from impl.config import ConfigError, StreamConfig
+from impl.train.captions import Shot, block_prompts_for_shots
+from impl.train.samples import VideoClip
+from impl.train.synthetic import MultiShotClipSource
 
 __all__ = ["OBJECT_COLORS", "BACKGROUND_COLORS", "SHAPES", "DIRECTIONS", "STYLES", "Scene", "FrameTruth",
            "ProceduralVideoSource", "caption_attributes", "render_scene"]
@@ -155,51 +156,28 @@ class FrameTruth:
     shot: torch.Tensor
 
 
-class ProceduralVideoSource:
-    """Deterministic procedural clips with the interface of :class:`impl.train.data.VideoFolderDataset`.
+class ProceduralVideoSource(MultiShotClipSource):
+    """Deterministic procedural clips with the interface of
+    :class:`impl.train.video_folder.VideoFolderDataset`.
 
     ``shots_per_clip`` scenes per clip, cut at the first raw frame of randomly chosen blocks.
-    :meth:`set_epoch` is accepted for interface compatibility and changes nothing.
     """
 
     def __init__(self, num_latent_frames: int, frames_per_block: int, height: int, width: int, *,
                  length: int, seed: int = 0, shots_per_clip: int = 1, temporal_factor: int = 4,
                  scene_cut_prefix: str = StreamConfig.scene_cut_prefix) -> None:
         owner = "ProceduralVideoSource"
-        _check_clip_args(owner, num_latent_frames, frames_per_block, height, width, temporal_factor, seed)
-        if num_latent_frames % frames_per_block:
-            raise ConfigError(f"{owner}.num_latent_frames: must be a multiple of frames_per_block="
-                              f"{frames_per_block}, got {num_latent_frames}")
+        super().__init__(owner, num_latent_frames, frames_per_block, height, width, length=length, seed=seed,
+                         shots_per_clip=shots_per_clip, temporal_factor=temporal_factor)
         if min(height, width) < 16:
             raise ConfigError(f"{owner}.height/width: need at least 16 pixels, got {height}x{width}")
-        self.length = _check_int(length, f"{owner}.length", 1)
-        self.n_blocks = num_latent_frames // frames_per_block
-        _check_int(shots_per_clip, f"{owner}.shots_per_clip", 1)
-        if shots_per_clip > self.n_blocks:
-            raise ConfigError(f"{owner}.shots_per_clip: at most the number of blocks ({self.n_blocks}), "
-                              f"got {shots_per_clip}")
         if not isinstance(scene_cut_prefix, str):
             raise ConfigError(f"{owner}.scene_cut_prefix: must be a string, got {scene_cut_prefix!r}")
-        self.num_latent_frames = num_latent_frames
-        self.frames_per_block = frames_per_block
-        self.height, self.width = height, width
-        self.temporal_factor = temporal_factor
-        self.seed = seed
-        self.shots_per_clip = shots_per_clip
         self.scene_cut_prefix = scene_cut_prefix
-        self.num_raw_frames = raw_frames_for_latents(num_latent_frames, temporal_factor)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_int(epoch, "ProceduralVideoSource.set_epoch(epoch)", 0)
 
     def _plan(self, index: int) -> tuple[list[int], list[Scene]]:
-        i = _check_index(index, len(self), "ProceduralVideoSource")
-        g = _generator(self.seed, i)
-        cut_blocks = _pick_cut_blocks(g, self.n_blocks, self.shots_per_clip)
+        _, g = self._item(index)
+        cut_blocks = self._cut_blocks(g)
 
         def pick(options, exclude=None):
             options = [o for o in options if o != exclude]
@@ -231,7 +209,7 @@ class ProceduralVideoSource:
         out = []
         for k, (j, scene) in enumerate(zip(cut_blocks, scenes)):
             caption = scene.caption if k == 0 else self.scene_cut_prefix + scene.caption
-            out.append(Shot(latent_to_raw_frame(j * self.frames_per_block, self.temporal_factor), caption))
+            out.append(Shot(self.geometry.block_start_frame(j), caption))
         return out
 
     def block_prompts(self, index: int) -> list[str]:
@@ -245,16 +223,12 @@ class ProceduralVideoSource:
 
     def _bounds(self, index: int) -> tuple[list[int], list[Scene]]:
         cut_blocks, scenes = self._plan(index)
-        starts = [latent_to_raw_frame(j * self.frames_per_block, self.temporal_factor) for j in cut_blocks]
-        return starts + [self.num_raw_frames], scenes
+        return self.geometry.shot_bounds(cut_blocks), scenes
 
     def __getitem__(self, index: int) -> VideoClip:
         bounds, scenes = self._bounds(index)
-        frames = torch.empty(self.num_raw_frames, self.height, self.width, 3, dtype=torch.uint8)
-        for k, scene in enumerate(scenes):
-            for a in range(bounds[k], bounds[k + 1], 16):   # bounded float working memory
-                b = min(a + 16, bounds[k + 1])
-                frames[a:b] = render_scene(scene, a - bounds[k], b - bounds[k], self.height, self.width)
+        frames = self._render_shots(bounds, lambda k, a, b: render_scene(scenes[k], a - bounds[k], b - bounds[k],
+                                                                         self.height, self.width))
         return VideoClip(frames, self.block_prompts(index), f"procedural-{self.seed}-{int(index):06d}", 0)
 
     def truth(self, index: int) -> FrameTruth:

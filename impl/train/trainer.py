@@ -1,4 +1,4 @@
-"""Teacher-forcing AR trainer: one loop for every precision, SP size and layout.
+"""Teacher-forcing AR trainer: one loop for every dtype, precision, SP size and layout.
 
 Per optimizer step and micro-step, each rank: takes its sample (DP-sharded, deterministic in
 the step), turns it into the clean latents its layout needs (VAE encode with the SP halo, or a
@@ -24,36 +24,37 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from impl.config import Preset, get_preset
+from impl.inference.build import torch_dtype
 from impl.model.dit import CausalWanDiT
 from impl.parallel.attention import teacher_forcing_core
 from impl.parallel.gradients import sp_all_reduce_sum, sync_gradients
 from impl.parallel.groups import ParallelConfigError, ParallelGroups, single_process
 from impl.parallel.layout import TeacherForcingLayout
 from impl.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from impl.train.config import TrainConfig
-from impl.train.data import LatentSample, ShardedSampler, SyntheticLatentSource
+from impl.train.config import TrainConfig, upgrade_config_dict
 from impl.train.error_recycling import ErrorRecycler
 from impl.train.flow import FlowSchedule, shared_generator
 from impl.train.optim import EMA, MasterWeightAdamW
+from impl.train.sampler import ShardedSampler
+from impl.train.samples import LatentSample
+from impl.train.synthetic import SyntheticLatentSource
 from impl.train.teacher_forcing import TFInputs, teacher_forcing_loss
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-
-
-def model_dtype(precision: str) -> torch.dtype:
-    return _DTYPES.get(precision, torch.bfloat16)
+# Fields a checkpoint must share with the run that resumes it.
+_RESUME_FIELDS = ("preset", "num_layers", "frames", "dtype", "precision")
 
 
 def build_training_model(cfg: TrainConfig, preset: Preset, device: torch.device) -> CausalWanDiT:
-    """The DiT in the run's precision (quantized block linears keep BF16 master weights)."""
+    """The DiT in the run's dtype, its block linears in the run's precision (quantized ones keep
+    BF16 master weights)."""
     dit_cfg = preset.dit
     if cfg.num_layers is not None:
         dit_cfg = dataclasses.replace(dit_cfg, num_layers=cfg.num_layers)
     torch.manual_seed(cfg.seed)
-    model = CausalWanDiT(dit_cfg, device=device, dtype=model_dtype(cfg.precision))
-    if cfg.precision in ("fp8", "nvfp4_emulated", "nvfp4_te"):
+    model = CausalWanDiT(dit_cfg, device=device, dtype=torch_dtype(cfg.dtype))
+    if cfg.precision != "bf16":
         from impl.quant.apply import quantize_model
         from impl.quant.config import QuantConfig
         quantize_model(model, QuantConfig.for_training(cfg.precision))
@@ -231,8 +232,10 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         st = load_checkpoint(path)
-        saved = st.meta.get("config", {})
-        for key in ("preset", "num_layers", "frames", "precision"):
+        saved = upgrade_config_dict(st.meta.get("config", {}))
+        if "precision" in saved:
+            saved.setdefault("dtype", "bf16")   # written before the split and not fp32/fp64: bf16
+        for key in _RESUME_FIELDS:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"checkpoint {path} was trained with {key}={saved[key]!r}, "
                                  f"this run has {getattr(self.cfg, key)!r}")

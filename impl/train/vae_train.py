@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from impl.config import ConfigError, _require
-from impl.parallel.vae_encode import frames_uint8_to_float
-from impl.train.data import VideoClip
+from impl.parallel.sp_vae_encode import frames_uint8_to_float
+from impl.train.samples import VideoClip
 
 __all__ = ["VAETrainConfig", "train_vae", "calibrate_latent_stats", "reconstruct"]
 

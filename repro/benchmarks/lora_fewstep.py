@@ -39,7 +39,7 @@ def _teacher(preset_name: str, ar_steps: int, seed: int, device: str):
     from impl.model.text_encoder import TextEncoder
     from impl.model.vae import build_vae
     from impl.train.config import TrainConfig
-    from impl.train.data import SyntheticVideoSource
+    from impl.train.synthetic import SyntheticVideoSource
     from impl.train.encode import ClipEncoder
     from impl.train.trainer import Trainer
 
@@ -48,7 +48,7 @@ def _teacher(preset_name: str, ar_steps: int, seed: int, device: str):
     frames = 4 * fpb
     vae = build_vae(preset.vae, dtype=torch.float32, device=device, seed=seed)
     text = TextEncoder.from_preset(preset.text, dtype=torch.float32, device=device, seed=seed)
-    cfg = TrainConfig(preset=preset_name, frames=frames, precision="fp32", steps=ar_steps, lr=1e-3, beta1=0.9,
+    cfg = TrainConfig(preset=preset_name, frames=frames, dtype="fp32", steps=ar_steps, lr=1e-3, beta1=0.9,
                       ema_start_step=None, gradient_checkpointing=False, seed=seed)
     trainer = Trainer(cfg, device=device, encoders=ClipEncoder(vae, text, halo=28))
     source = SyntheticVideoSource(frames, fpb, preset.video.height, preset.video.width, length=16, seed=seed,
@@ -58,17 +58,21 @@ def _teacher(preset_name: str, ar_steps: int, seed: int, device: str):
     return state, vae, text
 
 
-def _model(preset, state, device):
-    from impl.model.dit import CausalWanDiT
-    model = CausalWanDiT(preset.dit, device=device, dtype=torch.float32)
-    model.load_state_dict(state)
-    return model.requires_grad_(False).eval()
+def _config(preset_name: str, steps: int | None = None):
+    from impl.inference.config import InferenceConfig
+    return InferenceConfig(preset=preset_name, dtype="fp32", steps=steps, guidance_scale=1.0)
 
 
-def _generate(model, preset, text, vae, steps: int, seeds: list[int], device):
-    from impl.pipeline import StreamingPipeline
-    p = preset.replace(stream={"steps": steps, "guidance_scale": 1.0})
-    pipe = StreamingPipeline(model, p, text_embedder=_embedder(text), vae=vae, device=device)
+def _model(preset_name: str, state, device):
+    """The teacher (frozen) from its trained weights."""
+    from impl.inference.build import Weights, build_dit
+    return build_dit(_config(preset_name), device, Weights(dit=state))
+
+
+def _generate(preset_name: str, state, text, vae, steps: int, seeds: list[int], device):
+    """Videos of the DiT with weights ``state`` at ``steps`` per block, through the one builder."""
+    from impl.inference.build import Weights, build_pipeline
+    pipe = build_pipeline(_config(preset_name, steps), device, Weights(dit=state, vae=vae, text=_embedder(text)))
     outs, dit_ms = [], []
     for s in seeds:
         res = pipe.generate(_PROMPTS, seed=s, decode=True)
@@ -80,17 +84,17 @@ def _generate(model, preset, text, vae, steps: int, seeds: list[int], device):
 @functools.lru_cache(maxsize=2)
 def _reference(preset_name, ar_steps, seed, device, reference_steps, videos):
     state, vae, text = _teacher(preset_name, ar_steps, seed, device)
-    preset = get_preset(preset_name)
-    outs, _ = _generate(_model(preset, state, device), preset, text, vae, reference_steps,
-                        list(range(1000, 1000 + videos)), device)
+    outs, _ = _generate(preset_name, state, text, vae, reference_steps, list(range(1000, 1000 + videos)), device)
     return outs
 
 
-def _distill(preset, state, text, steps: int, iters: int, rank: int, seed: int, device):
+def _distill(preset_name: str, state, text, steps: int, iters: int, rank: int, seed: int, device):
+    """DMD-distil a ``steps``-step LoRA student; returns its merged weights (a state dict)."""
     from impl.train.dmd import DMDConfig, DMDTrainer
     from impl.train.lora import LoraSpec, add_lora, merge_and_unload
 
-    teacher = _model(preset, state, device)
+    preset = get_preset(preset_name)
+    teacher = _model(preset_name, state, device)
     spec = LoraSpec(rank=rank, alpha=rank)
     student, critic = add_lora(copy.deepcopy(teacher), spec), add_lora(copy.deepcopy(teacher), spec)
     trainer = DMDTrainer(teacher, student, critic, preset,
@@ -98,7 +102,7 @@ def _distill(preset, state, text, steps: int, iters: int, rank: int, seed: int, 
                          _embedder(text), device=device)
     for _ in range(iters):
         trainer.train_step(_PROMPTS)
-    return merge_and_unload(student).requires_grad_(False).eval()
+    return {k: v.detach() for k, v in merge_and_unload(student).state_dict().items()}
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,18 +113,19 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_lora_fewstep(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     device = hardware["device"]
     preset = get_preset(variant["preset"])
-    key = (variant["preset"], measure["ar_steps"], measure["seed"], device)
+    name = variant["preset"]
+    key = (name, measure["ar_steps"], measure["seed"], device)
     state, vae, text = _teacher(*key)
     ref = _reference(*key, measure["reference_steps"], measure["videos"])
     t0 = time.perf_counter()
     if variant["distilled"]:
-        model = _distill(preset, state, text, variant["steps"], measure["distill_iters"], measure["lora_rank"],
-                         measure["seed"], device)
+        weights = _distill(name, state, text, variant["steps"], measure["distill_iters"], measure["lora_rank"],
+                           measure["seed"], device)
     else:
-        model = _model(preset, state, device)
+        weights = state
     distill_s = time.perf_counter() - t0
-    outs, dit_ms = _generate(model, preset, text, vae, variant["steps"],
-                             list(range(1000, 1000 + measure["videos"])), device)
+    outs, dit_ms = _generate(name, weights, text, vae, variant["steps"], list(range(1000, 1000 + measure["videos"])),
+                             device)
     frames = preset.vae.temporal_factor * preset.stream.frames_per_block * len(dit_ms)
     psnr = [_psnr(o.frames, r.frames) for o, r in zip(outs, ref)]
     rmse = [float((o.latents - r.latents).pow(2).mean().sqrt()) for o, r in zip(outs, ref)]

@@ -26,32 +26,29 @@ from typing import Any
 
 import torch
 
+from impl.modes import PORTABLE_PRECISIONS
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import inference_field, preset_field
+from repro.quality.proxy import PROXY_PRESETS, TRAIN_PRECISIONS
 
-INFERENCE_PRECISIONS = ["bf16", "fp8", "nvfp4_emulated", "nvfp4_weight_only"]
-_PROXY_FIELDS = {
-    "vae_steps": FieldSpec(int, 200, min=1, help="VAE training steps"),
-    "vae_batch": FieldSpec(int, 4, min=1, help="VAE clips per step"),
-    "vae_lr": FieldSpec(float, 2e-3, min=0, help="VAE learning rate"),
-    "detector_steps": FieldSpec(int, 300, min=1, help="attribute detector training steps"),
-    "detector_clips": FieldSpec(int, 300, min=2, help="one-block procedural clips the detector trains on"),
-    "train_clips": FieldSpec(int, 64, min=1, help="distinct clips of the AR training set"),
-    "clip_blocks": FieldSpec(int, 4, min=1, help="AR blocks per training clip"),
-    "shots_per_clip": FieldSpec(int, 2, min=1, help="shots per training clip"),
-    "ar_steps": FieldSpec(int, 200, min=1, help="AR teacher-forcing steps"),
-    "ar_batch": FieldSpec(int, 4, min=1, help="AR clips per step"),
-    "ar_lr": FieldSpec(float, 1e-3, min=0, help="AR learning rate"),
-    "distill_iters": FieldSpec(int, 40, min=1, help="DMD iterations per student"),
-    "lora_rank": FieldSpec(int, 16, min=1, help="LoRA rank (= alpha)"),
-    "distill_lr": FieldSpec(float, 1e-4, min=0, help="DMD learning rate (student and critic)"),
-}
+def _proxy_fields() -> dict[str, FieldSpec]:
+    """The proxy's training settings as measure fields, from ProxyConfig (declared once there)."""
+    from repro.quality.proxy import ProxyConfig
+    out = {}
+    for name, default, help_ in ProxyConfig.knobs():
+        kind = type(default)
+        low = 0 if (kind is float or name == "seed") else 1
+        out[name] = FieldSpec(kind, default, min=low, help=help_)
+    return out
+
+
+_PROXY_FIELDS = _proxy_fields()
 _EVAL_FIELDS = {
     "videos": FieldSpec(int, 4, min=1, help="evaluation videos (prompt sequences, one noise seed each)"),
     "eval_blocks": FieldSpec(int, 8, min=2, help="AR blocks per evaluation video (long rollouts: drift)"),
     "eval_shots": FieldSpec(int, 2, min=1, help="shots per evaluation video"),
     "real_videos": FieldSpec(int, 8, min=2, help="real procedural videos of the feature reference set"),
     "reference_steps": FieldSpec(int, 8, min=1, help="teacher steps of the reference variant (PSNR/SSIM)"),
-    "seed": FieldSpec(int, 0, min=0, help="seed of every training run and of the evaluation set"),
     "cache_dir": FieldSpec(str, ".cache/quality", help="where trained proxy pieces are cached"),
     "shared_device": FieldSpec(bool, False, help="other runs share the device (concurrent --only groups): "
                                "the DiT speed is stored as dit_fps_shared_gpu, not as a speed figure"),
@@ -66,7 +63,7 @@ def _system(preset: str, items: tuple, device: str):
 
 
 def system_for(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]):
-    keys = sorted(set(_PROXY_FIELDS) | {"seed", "cache_dir"})
+    keys = sorted(set(_PROXY_FIELDS) | {"cache_dir"})
     return _system(variant["preset"], tuple((k, measure[k]) for k in keys), hardware["device"])
 
 
@@ -86,33 +83,33 @@ def _real_features(system, videos: int, blocks: int, shots: int, seed: int) -> t
 
 
 def _pipeline(system, variant: dict[str, Any], device: torch.device):
-    from impl.pipeline import StreamingPipeline
-    from impl.quant.apply import quantize_model
-    from impl.quant.config import QuantConfig
-    stream = {"steps": variant["steps"], "guidance_scale": 1.0}
-    if not variant["sink"]:
-        stream["sink_frames"] = 0
-    preset = system.preset.replace(stream=stream)
-    lora = variant["steps"] if variant["model"] == "lora" else None
-    model = system.model(variant["train_precision"], lora_steps=lora, dtype=torch.bfloat16)
-    if variant["precision"] != "bf16":
-        quantize_model(model, QuantConfig.for_inference(variant["precision"]))
-    return StreamingPipeline(model, preset, text_embedder=system.embedder(), vae=system.vae(), device=device,
-                             kv_cache=variant["kv_cache"])
+    """The variant's pipeline, through the one builder: the proxy teacher's weights (and the
+    student's LoRA, merged) in BF16, the proxy's VAE and text encoder."""
+    from impl.inference.build import Weights, build_pipeline
+    from impl.inference.config import InferenceConfig
+    cfg = InferenceConfig(preset=system.preset, steps=variant["steps"], guidance_scale=1.0, sink=variant["sink"],
+                          dtype="bf16", precision=variant["precision"], kv_cache=variant["kv_cache"],
+                          decoder=variant["decoder"], attention=variant["attention"])
+    lora = system.student_path(variant["steps"], variant["train_precision"]) if variant["model"] == "lora" else None
+    weights = Weights(dit=system.teacher_state(variant["train_precision"]), lora=lora, vae=system.vae(),
+                      decoder=None if variant["decoder"] == "wan" else system.decoder(variant["decoder"]),
+                      text=system.embedder())
+    return build_pipeline(cfg, device, weights)
+
+
+_REFERENCE = {"model": "teacher", "train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
+              "decoder": "wan", "attention": "sdpa"}
 
 
 def _is_reference(variant: dict[str, Any], measure: dict[str, Any]) -> bool:
-    return (variant["model"] == "teacher" and variant["train_precision"] == "bf16" and variant["precision"] == "bf16"
-            and variant["kv_cache"] == "bf16" and variant["sink"] and variant["steps"] == measure["reference_steps"])
+    return all(variant[k] == v for k, v in _REFERENCE.items()) and variant["steps"] == measure["reference_steps"]
 
 
 @functools.lru_cache(maxsize=2)
 def _reference_videos(system, es_args: tuple, steps: int, device: str):
     from repro.quality.evaluate import generate_videos
     evalset = _evalset(system, *es_args)
-    ref = {"model": "teacher", "train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
-           "steps": steps}
-    return generate_videos(_pipeline(system, ref, torch.device(device)), evalset)[0]
+    return generate_videos(_pipeline(system, {**_REFERENCE, "steps": steps}, torch.device(device)), evalset)[0]
 
 
 def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
@@ -144,13 +141,15 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
         for j, v in enumerate(values):
             metrics[f"series_{name}_b{j:02d}"] = None if not math.isfinite(v) else v
     metrics.update(system.training_record(None if variant["model"] == "real" else variant["train_precision"],
-                                          variant["steps"] if variant["model"] == "lora" else None))
+                                          variant["steps"] if variant["model"] == "lora" else None,
+                                          variant["decoder"]))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 def _check(variant: dict[str, Any]) -> None:
     if variant["model"] == "real":
-        defaults = {"train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True}
+        defaults = {"train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
+                    "decoder": "wan", "attention": "sdpa"}
         changed = [k for k, v in defaults.items() if variant[k] != v]
         if changed:
             raise ValueError(f"model: 'real' videos are the VAE round trip of the ground truth; {changed} "
@@ -183,7 +182,7 @@ def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repro.report import hardware_label, variant_labels
+    from repro.report import hardware_label, save_figure, variant_labels
     panels = [("adherence", "prompt adherence"), ("flicker", "temporal flickering (1 = static)"),
               ("psnr_vs_ref", "PSNR vs BF16 reference (dB)")]
     labels = variant_labels(records)
@@ -214,10 +213,7 @@ def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
     handles = [Line2D([], [], color=c, marker="o", ms=3, label=lab) for c, lab in zip(colors, labels)]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, (legend_in + 0.2) / (4.5 + legend_in), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 
@@ -228,11 +224,16 @@ QUALITY = register(Benchmark(
                 "on a harness-trained embedding, multi-shot consistency, drift, and PSNR/SSIM vs the BF16 "
                 "reference from the same noise.",
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "proxy"], help="proxy model size"),
-        "model": FieldSpec(str, "teacher", choices=["real", "teacher", "lora"]),
-        "train_precision": FieldSpec(str, "bf16", choices=["bf16", "nvfp4_emulated"]),
-        "precision": FieldSpec(str, "bf16", choices=INFERENCE_PRECISIONS, help="inference block linears"),
-        "kv_cache": FieldSpec(str, "bf16", choices=["bf16", "nvfp4"]),
+        "preset": preset_field(list(PROXY_PRESETS), help="proxy model size"),
+        "model": FieldSpec(str, "teacher", choices=["real", "teacher", "lora"],
+                           help="ground truth through the VAE, the AR teacher, or a DMD LoRA student"),
+        "train_precision": FieldSpec(str, "bf16", choices=list(TRAIN_PRECISIONS),
+                                     help="the teacher's training precision"),
+        "precision": inference_field("precision", choices=list(PORTABLE_PRECISIONS),
+                                     help="inference block linears"),
+        "kv_cache": inference_field("kv_cache"),
+        "decoder": inference_field("decoder", help="video decoder; light ones are distilled from the proxy VAE"),
+        "attention": inference_field("attention"),
         "steps": FieldSpec(int, 8, choices=[1, 2, 3, 4, 8, 16]),
         "sink": FieldSpec(bool, True, help="attention sink (first block kept in the KV window)"),
     },

@@ -19,18 +19,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from impl.inference.config import InferenceConfig
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import inference_field, preset_field
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
 
 def _check(variant: dict[str, Any]) -> None:
-    from impl.config import get_preset
-    from impl.parallel.groups import ParallelConfigError
-    from impl.parallel.sp_inference import SPInferenceConfig
-    try:
-        SPInferenceConfig(variant["sp_size"], variant["kv_cache"], variant["kv_comm"]).check(get_preset(variant["preset"]))
-    except ParallelConfigError as exc:
-        raise ValueError(str(exc)) from None
+    InferenceConfig.from_variant(variant)   # every knob and the SP size against the preset
 
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
@@ -38,8 +34,8 @@ def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) 
     cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.parallel.sp_inference",
            "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--kv-cache", variant["kv_cache"], "--kv-comm", variant["kv_comm"],
-           "--steps", str(variant["steps"]), "--precision", variant["precision"],
-           "--quant", variant["quant"], "--text", "random",
+           "--steps", str(variant["steps"]), "--dtype", variant["dtype"],
+           "--precision", variant["precision"], "--text", "embedding",
            "--blocks", str(measure["warmup_blocks"] + measure["blocks"]),
            "--warmup-blocks", str(measure["warmup_blocks"]), "--seed", str(measure["seed"]),
            "--out", str(out / "outputs"), "--metrics-out", str(out / "metrics.json"),
@@ -53,8 +49,8 @@ def run_sp_inference(variant: dict[str, Any], measure: dict[str, Any], hardware:
     _check(variant)
     sp = variant["sp_size"]
     env = torchrun_env(sp, hardware)
-    if hardware["device"] == "cuda" and variant["precision"] == "fp64":
-        raise ValueError("precision: fp64 is for CPU exactness runs; use bf16 or fp32 on CUDA")
+    if hardware["device"] == "cuda" and variant["dtype"] == "fp64":
+        raise ValueError("dtype: fp64 is for CPU exactness runs; use bf16 or fp32 on CUDA")
     m = run_torchrun(lambda out: launch_command(variant, measure, out), sp, env, timeout_s=measure["timeout_s"],
                      required=["metrics.json"], read=lambda out: json.loads((out / "metrics.json").read_text()),
                      prefix="sp_inference_")
@@ -63,7 +59,7 @@ def run_sp_inference(variant: dict[str, Any], measure: dict[str, Any], hardware:
     metrics = {k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))}
     metrics.update({f"comm_{k}_bytes_per_block": v for k, v in by_category.items() if k != "kv"})
     metrics["comm_bytes_match_analytic"] = m["comm_bytes_per_block"] == m["comm_bytes_per_block_analytic"]
-    for drop in ("sp_size", "steps", "kv_cache", "preset", "precision"):   # variant keys, already in the record
+    for drop in ("sp_size", "steps", "kv_cache", "preset", "dtype", "precision"):   # variant keys, already in the record
         metrics.pop(drop, None)
     return metrics
 
@@ -74,16 +70,14 @@ SP_INFERENCE = register(Benchmark(
                  "CPU), DiT-only and end-to-end FPS on the SP root, bytes per block sent by each rank "
                  "(BF16 vs NVFP4 K/V exchange) against the analytic count, KV memory per rank."),
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
-        "sp_size": FieldSpec(int, 1, min=1, max=64, help="SP ranks = GPUs used (one SP group)"),
-        "kv_cache": FieldSpec(str, "bf16", choices=["bf16", "nvfp4"], help="KV-cache storage"),
-        "kv_comm": FieldSpec(str, "auto", choices=["auto", "plain", "nvfp4"],
-                             help="K/V exchange: plain, nvfp4, auto (= nvfp4 with an NVFP4 cache under SP)"),
-        "steps": FieldSpec(int, 4, choices=[1, 2, 3, 4, 8], help="denoising steps per block"),
-        "precision": FieldSpec(str, "bf16", choices=["bf16", "fp32", "fp64"], help="model dtype"),
-        "quant": FieldSpec(str, "bf16", choices=["bf16", "fp8", "nvfp4_weight_only", "nvfp4_emulated"],
-                           help="format of the block linears"),
-        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves"),
+        "preset": preset_field(["tiny", "small", "wan22_ti2v_5b"]),
+        "sp_size": inference_field("sp_size", max=64, help="SP ranks = GPUs used (one SP group)"),
+        "kv_cache": inference_field("kv_cache"),
+        "kv_comm": inference_field("kv_comm"),
+        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
+        "dtype": inference_field("dtype"),
+        "precision": inference_field("precision"),
+        "compile": inference_field("compile"),
     },
     measure_fields={
         "warmup_blocks": FieldSpec(int, 4, min=0, help="blocks before timing (fill the KV window)"),

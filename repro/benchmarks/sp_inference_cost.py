@@ -49,11 +49,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from impl.config import PRESETS, get_preset
-from impl.parallel.groups import ParallelConfigError
+from impl.inference.config import InferenceConfig
 from impl.parallel.sp_exchange import block_bytes
-from impl.parallel.sp_inference import KV_COMM_CHOICES, SPInferenceConfig
+from impl.parallel.sp_inference import config_block_bytes
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import inference_field, preset_field
 from repro.roofline import H100_RATE_FIELDS, block_flops
 
 BF16 = 2
@@ -79,20 +79,16 @@ def _kernel_ms(rows: float, at_ref: tuple[float, float]) -> float:
 
 
 def check_variant(variant: dict[str, Any]) -> None:
-    preset = get_preset(variant["preset"])
-    try:
-        SPInferenceConfig(variant["sp_size"], variant["kv_cache"], variant["kv_comm"]).check(preset)
-    except ParallelConfigError as exc:
-        raise ValueError(str(exc)) from None
+    InferenceConfig.from_variant(variant)   # every knob, and the SP size against the preset
 
 
 def inference_cost(preset_name: str, sp: int, kv_cache: str, steps: int, *, kv_comm: str = "auto",
                    guidance_scale: float = 1.0, rates: Rates = Rates()) -> dict[str, Any]:
     """All metrics of one variant (formulas in the module docstring)."""
-    check_variant({"preset": preset_name, "sp_size": sp, "kv_cache": kv_cache, "kv_comm": kv_comm})
-    p = get_preset(preset_name).replace(stream={"steps": steps, "guidance_scale": guidance_scale})
-    cfg = SPInferenceConfig(sp, kv_cache, kv_comm)
-    exchange = cfg.exchange
+    cfg = InferenceConfig(preset=preset_name, sp_size=sp, kv_cache=kv_cache, kv_comm=kv_comm, steps=steps,
+                          guidance_scale=guidance_scale)
+    p = cfg.stream_preset
+    exchange = cfg.kv_exchange
     dit = p.dit
     cfg_batch = 2 if guidance_scale > 1.0 else 1
     forwards = steps + 1
@@ -100,7 +96,7 @@ def inference_cost(preset_name: str, sp: int, kv_cache: str, steps: int, *, kv_c
     eff = rates.compute_efficiency
     compute_ms = 1e3 * (fl.gemm / sp / (rates.gemm_tflops * 1e12 * eff) + fl.attention / sp / (rates.attn_tflops * 1e12 * eff))
 
-    by = cfg.block_bytes(p, BF16)
+    by = config_block_bytes(cfg, BF16)
     plain = block_bytes(p, sp, element_bytes=BF16, kv_cache="bf16", kv_comm="plain")
     per_forward = dit.num_layers * (2 + (1 if exchange == "nvfp4" else 0)) + 1
     collectives = 0 if sp == 1 else forwards * per_forward + (dit.num_layers if exchange == "plain" and kv_cache == "nvfp4" else 0)
@@ -168,13 +164,12 @@ SP_INFERENCE_COST = register(Benchmark(
                  "NVFP4 quantize/decode work, KV memory per rank, DiT and end-to-end FPS. Not measured: see "
                  "repro/benchmarks/sp_inference_cost.py for the formulas."),
     variant_fields={
-        "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
-        "sp_size": FieldSpec(int, 1, min=1, help="SP ranks (must divide the heads and the block's tokens)"),
-        "kv_cache": FieldSpec(str, "bf16", choices=["bf16", "nvfp4"], help="KV-cache storage"),
-        "kv_comm": FieldSpec(str, "auto", choices=list(KV_COMM_CHOICES),
-                             help="K/V exchange: plain, nvfp4, auto (= nvfp4 with an NVFP4 cache)"),
-        "steps": FieldSpec(int, 4, choices=[1, 2, 3, 4, 8], help="denoising steps per block"),
-        "guidance_scale": FieldSpec(float, 1.0, min=1.0, help="CFG scale; > 1 doubles the batch"),
+        "preset": preset_field(default="wan22_ti2v_5b"),
+        "sp_size": inference_field("sp_size", help="SP ranks (must divide the heads and the block's tokens)"),
+        "kv_cache": inference_field("kv_cache"),
+        "kv_comm": inference_field("kv_comm"),
+        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
+        "guidance_scale": inference_field("guidance_scale", help="CFG scale; > 1 doubles the batch"),
     },
     measure_fields={
         **H100_RATE_FIELDS,

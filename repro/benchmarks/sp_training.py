@@ -24,22 +24,25 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from impl.modes import DType, SPLayout, TrainPrecision, choices
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
-PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4_emulated", "nvfp4_te"]
-
 
 def _check(variant: dict[str, Any]) -> None:
+    from impl.train.config import TrainConfig
     from repro.benchmarks.sp_training_cost import check_variant
     check_variant(variant)   # the same shape rules as the analytic model (whole blocks per rank, heads % sp)
+    # dtype x precision as the launched run validates it (quantized formats need bf16), before launching.
+    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"])
 
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
     """The torchrun command line of one variant."""
     cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.train", "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--sp-layout", variant["sp_layout"], "--frames", str(variant["frames"]),
-           "--precision", variant["precision"], "--steps", str(measure["warmup_steps"] + measure["steps"]),
+           "--dtype", variant["dtype"], "--precision", variant["precision"],
+           "--steps", str(measure["warmup_steps"] + measure["steps"]),
            "--data", "synthetic-latents" if variant["data"] == "latents" else "synthetic-video",
            "--data-length", "8", "--checkpoint-every", "0", "--seed", str(measure["seed"]),
            "--out", str(out / "run"), "--metrics-out", str(out / "metrics.json"), "--no-progress"]
@@ -91,10 +94,13 @@ SP_TRAINING = register(Benchmark(
         "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
         "num_layers": FieldSpec(int, 0, min=0, help="DiT depth override at full width (0 = the preset's)"),
         "sp_size": FieldSpec(int, 1, min=1, max=64, help="SP ranks = GPUs used (one SP group)"),
-        "sp_layout": FieldSpec(str, "balanced", choices=["balanced", "naive"],
+        "sp_layout": FieldSpec(str, "balanced", choices=list(choices(SPLayout)),
                                help="balanced: each rank holds the clean and noisy copy of one chunk"),
         "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (whole blocks per rank)"),
-        "precision": FieldSpec(str, "bf16", choices=PRECISIONS, help="training precision of the block linears"),
+        "dtype": FieldSpec(str, "bf16", choices=list(choices(DType)),
+                           help="compute dtype of the model, VAE and text encoder (the quantized precisions need bf16)"),
+        "precision": FieldSpec(str, "bf16", choices=list(choices(TrainPrecision)),
+                               help="format of the block linears (bf16 = not quantized: they run in dtype)"),
         "data": FieldSpec(str, "latents", choices=["latents", "video"],
                           help="latents: DiT step alone; video: the SP VAE encode is part of the step"),
         "gradient_checkpointing": FieldSpec(bool, True, help="per-block activation checkpointing"),

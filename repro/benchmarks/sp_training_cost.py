@@ -15,7 +15,7 @@ matrix = (1 + 1/n_b)/4 (``impl.parallel.layout.attention_density``).
 
 Layouts: which (copy, frame) pairs each rank holds is ``impl.parallel.layout.TeacherForcingLayout``
 (n = local_len x T tokens per rank); the balanced VAE windows are
-``impl.parallel.vae_encode.window_table``. This module only adds the costs:
+``impl.parallel.sp_vae_encode.window_table``. This module only adds the costs:
 - balanced: rank r holds the clean AND noisy copies of latent frames [rF/sp, (r+1)F/sp).
   The SP root sends each other rank its raw-frame window as uint8 (H*W*3 bytes per frame) and
   every rank VAE-encodes only its window: latents [a, b) plus a halo of h latents,
@@ -95,8 +95,9 @@ from typing import Any
 
 from impl.config import PRESETS, Preset, get_preset
 from impl.parallel.groups import ParallelConfigError
-from impl.parallel.layout import LAYOUTS, TeacherForcingLayout, attention_density
-from impl.parallel.vae_encode import window_table
+from impl.modes import SPLayout, choices
+from impl.parallel.layout import TeacherForcingLayout, attention_density
+from impl.parallel.sp_vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.roofline import H100_RATE_FIELDS
 
@@ -196,8 +197,8 @@ def check_variant(variant: dict[str, Any]) -> None:
         raise ValueError(f"frames: must be a positive multiple of sp_size * frames_per_block = "
                          f"{sp} * {fpb} = {sp * fpb} so every rank holds whole {fpb}-frame blocks; "
                          f"got {frames}") from err
-    if layout not in LAYOUTS:
-        raise ValueError(f"sp_layout: must be one of {list(LAYOUTS)}, got {layout!r}")
+    if layout not in choices(SPLayout):
+        raise ValueError(f"sp_layout: must be one of {list(choices(SPLayout))}, got {layout!r}")
     if layout == "naive" and sp > 1:
         naive = make_layout(preset, frames, sp, "naive")
         if any(len({c for c, _ in naive.rank_frames(r)}) > 1 for r in range(sp)):  # iff sp is odd
@@ -325,7 +326,7 @@ SP_TRAINING_COST = register(Benchmark(
         "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
         "frames": FieldSpec(int, 96, min=1, help="latent frames F (multiple of sp_size * frames_per_block)"),
         "sp_size": FieldSpec(int, 4, min=1, help="sequence-parallel ranks (must divide the head count)"),
-        "sp_layout": FieldSpec(str, "balanced", choices=list(LAYOUTS),
+        "sp_layout": FieldSpec(str, "balanced", choices=list(choices(SPLayout)),
                                help="balanced: clean+noisy of the same frames per rank; naive: contiguous "
                                     "cut of [clean; noisy] (sp_size 1 or even)"),
         "halo": FieldSpec(int, 28, min=0, help="balanced VAE halo in latents (exact from 27)"),

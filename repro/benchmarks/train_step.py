@@ -2,7 +2,8 @@
 
 One rank of the AR trainer (:class:`impl.train.trainer.Trainer`, sp_size 1) on pre-encoded
 synthetic latents (VAE and text encoder excluded: they are not part of the step being
-compared across precisions). ``num_layers`` reduces the depth at full width when the 5B
+compared across precisions). ``precision`` is the format of the block linears (bf16 = not
+quantized), ``dtype`` the compute dtype (the quantized formats train in bf16). ``num_layers`` reduces the depth at full width when the 5B
 model's optimizer state would not fit one GPU; step time scales linearly with depth, the
 GEMM share and the precision ratios do not depend on it. After ``warmup_steps`` (FlexAttention
 and quantizer compilation), ``steps`` optimizer steps are timed; one more step runs under
@@ -19,12 +20,16 @@ from typing import Any
 import torch
 
 from impl.config import get_preset
+from impl.modes import DType, TrainAttention, TrainPrecision, choices
 from impl.train.config import TrainConfig
-from impl.train.data import SyntheticLatentSource
+from impl.train.synthetic import SyntheticLatentSource
 from impl.train.trainer import Trainer
 from repro.benchmark import Benchmark, FieldSpec, register
 
-PRECISIONS = ["bf16", "fp32", "fp8", "nvfp4_emulated", "nvfp4_te"]
+
+def _check(variant: dict[str, Any]) -> None:
+    """Spec-time check of the fields TrainConfig validates together (quantized formats need bf16)."""
+    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"])
 
 
 def _profile_step(trainer: Trainer, source, sampler, device: torch.device) -> dict[str, float]:
@@ -41,13 +46,13 @@ def _profile_step(trainer: Trainer, source, sampler, device: torch.device) -> di
 
 
 def run_train_step(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
-    from impl.train.data import ShardedSampler
+    from impl.train.sampler import ShardedSampler
 
     device = torch.device(hardware["device"])
     preset = get_preset(variant["preset"])
     layers = variant["num_layers"] or None
     cfg = TrainConfig(preset=variant["preset"], num_layers=layers, frames=variant["frames"],
-                      precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
+                      dtype=variant["dtype"], precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
                       compile=variant["compile"],
                       attention_backend=variant["attention_backend"], steps=10**9, ema_start_step=None,
                       seed=measure["seed"])
@@ -89,11 +94,14 @@ TRAIN_STEP = register(Benchmark(
     variant_fields={
         "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model width preset"),
         "num_layers": FieldSpec(int, 0, min=0, help="depth override (0 = the preset's depth)"),
-        "precision": FieldSpec(str, "bf16", choices=PRECISIONS, help="training precision of the block linears"),
+        "dtype": FieldSpec(str, "bf16", choices=list(choices(DType)),
+                           help="compute dtype of the model (the quantized precisions need bf16)"),
+        "precision": FieldSpec(str, "bf16", choices=list(choices(TrainPrecision)),
+                               help="format of the block linears (bf16 = not quantized: they run in dtype)"),
         "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
         "gradient_checkpointing": FieldSpec(bool, True, help="recompute each block in backward"),
         "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)"),
-        "attention_backend": FieldSpec(str, "auto", choices=["auto", "dense", "flex"],
+        "attention_backend": FieldSpec(str, "auto", choices=list(choices(TrainAttention)),
                                        help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
     },
     measure_fields={
@@ -103,6 +111,7 @@ TRAIN_STEP = register(Benchmark(
         "seed": FieldSpec(int, 0, min=0),
     },
     run=run_train_step,
+    check_variant=_check,
     table_metrics=["step_s", "tokens_per_s", "peak_mem_gb", "gemm_share", "attention_share", "quantize_share",
                    "norm_elementwise_share", "params_b"],
     primary_metric="tokens_per_s",

@@ -1,9 +1,10 @@
 """``vae_decode``: the streaming Wan2.2 VAE decoder alone, and where its time goes.
 
-A random-weight VAE (speed does not depend on weight values) decodes one stream of
-``warmup_blocks + blocks`` AR blocks of random normalised latents [1, z_dim, F, h, w] at the
-preset's latent resolution through :class:`impl.model.vae.StreamingDecoder` (one decoder call
-per latent frame, the causal cache carried across blocks), exactly as the pipeline does.
+A random-weight decoder (speed does not depend on weight values) of each kind of
+:mod:`impl.model.decoders` (the full Wan2.2 VAE, MG-LightVAE pruned by 50% / 75%, the tiny
+TAEHV-architecture decoder) decodes one stream of ``warmup_blocks + blocks`` AR blocks of
+random normalised latents [1, z_dim, F, h, w] at the preset's latent resolution through its
+streaming decoder (the causal state carried across blocks), exactly as the pipeline does.
 The warm-up blocks hold the stream's first chunk (fewer frames) and absorb one-time costs
 (cuDNN autotuning, compilation); each timed block is timed alone (CUDA events on GPU,
 ``perf_counter`` on CPU):
@@ -24,43 +25,31 @@ The warm-up blocks hold the stream's first chunk (fewer frames) and absorb one-t
   ``compiled_graphs_timed`` (built during the timed blocks: should be 0, else they are
   polluted by compilation).
 
-Variants: dtype, channels-last layout (``StreamingDecoder(channels_last=True)``), cuDNN
+Variants: decoder, dtype, channels-last layout (``StreamingDecoder(channels_last=True)``), cuDNN
 autotuning (``cudnn_benchmark``, set only inside the run through ``torch.backends.cudnn.flags``,
 so nothing leaks to later variants) and ``torch.compile`` of the decoder module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import re
 import statistics
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from impl.config import get_preset
-from impl.model.vae import StreamingDecoder, build_vae
+from impl.model.decoders import build_decoder, stream_decoder
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field
 from repro.profile import PHASES, kernel_times_ms, phase_times_ms
 from repro.timing import percentile
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _LAYOUT_KERNEL = re.compile(r"nchwtonhwc|nhwctonchw")
 _SHARE_PHASES = [name for name, _ in PHASES] + ["other"]
-
-
-@contextlib.contextmanager
-def _decoder_module(vae: torch.nn.Module, module: torch.nn.Module) -> Iterator[None]:
-    """Run with ``vae.decoder`` set to ``module`` (e.g. the eager one under a compiled one)."""
-    current = vae.decoder
-    vae.decoder = module
-    try:
-        yield
-    finally:
-        vae.decoder = current
 
 
 def _compiled_graphs() -> int:
@@ -75,7 +64,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_block(decoder: StreamingDecoder, z: torch.Tensor, device: torch.device) -> tuple[float, int]:
+def _timed_block(decoder, z: torch.Tensor, device: torch.device) -> tuple[float, int]:
     """(ms, pixel frames) of one decode_block; CUDA events on GPU (launches are async)."""
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
@@ -90,7 +79,7 @@ def _timed_block(decoder: StreamingDecoder, z: torch.Tensor, device: torch.devic
     return (time.perf_counter() - t0) * 1e3, out.shape[2]
 
 
-def _breakdown(decoder: StreamingDecoder, z: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def _breakdown(decoder, z: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """Kernel-time shares of one profiled block (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,14 +112,10 @@ def run_vae_decode(variant: dict[str, Any], measure: dict[str, Any], hardware: d
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    vae = build_vae(preset.vae, dtype=dtype, device=device, seed=measure["seed"])
-    decoder = StreamingDecoder(vae, channels_last=variant["channels_last"])
-    eager = vae.decoder
-    if variant["compile"]:
-        # Static shapes: the first few decoder calls of a stream differ (first chunk, cache
-        # filling, cache tensors' strides), each gets its own graph during the warm-up blocks
-        # (about 5, under Dynamo's recompile limit of 8), rather than a dynamic-shape graph.
-        vae.decoder = torch.compile(eager, dynamic=False)
+    module = build_decoder(variant["decoder"], preset.vae, dtype=dtype, device=device, seed=measure["seed"])
+    # torch.compile with static shapes: the first few decoder calls of a stream differ (first
+    # chunk, cache filling), each gets its own graph during the warm-up blocks.
+    decoder = stream_decoder(module, channels_last=variant["channels_last"], compile=variant["compile"])
     # All latents up front (+2 blocks: profile, FLOP count), so no RNG work is timed.
     graphs0 = _compiled_graphs()
     g = torch.Generator().manual_seed(measure["seed"])
@@ -155,8 +140,11 @@ def run_vae_decode(variant: dict[str, Any], measure: dict[str, Any], hardware: d
         # Profile before the eager FLOP-count block: its cache tensors may have other strides
         # than compiled code's, which would make the compiled decoder recompile.
         breakdown = _breakdown(decoder, latents[-2], device)
-        with _decoder_module(vae, eager), FlopCounterMode(display=False) as counter:
-            decoder.decode_block(latents[-1])
+        # FLOPs of a steady-state block: a second, eager stream past its first chunk.
+        counting = stream_decoder(module, channels_last=variant["channels_last"])
+        counting.decode_block(latents[-1])
+        with FlopCounterMode(display=False) as counter:
+            counting.decode_block(latents[-1])
         flop = counter.get_total_flops()
     p50 = statistics.median(ms)
     metrics: dict[str, Any] = {
@@ -175,22 +163,19 @@ def run_vae_decode(variant: dict[str, Any], measure: dict[str, Any], hardware: d
         "compiled_graphs_timed": graphs_timed,
         **breakdown,
     }
-    if device.type == "cuda":
-        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del decoder, vae, eager, latents
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return metrics
+    metrics["decoder_params_m"] = sum(p.numel() for p in module.parameters()) / 1e6
+    del decoder, counting, module, latents
+    return finish_gpu_run(metrics, device)
 
 
 VAE_DECODE = register(Benchmark(
     name="vae_decode",
-    description="Streaming Wan2.2 VAE decode alone (random weights): FPS, per-block latency, "
-                "achieved TFLOP/s and a kernel-time breakdown (conv vs the rest).",
+    description="Streaming video decode alone (random weights; full Wan2.2 VAE, pruned LightVAE, tiny TAE "
+                "decoder): FPS, per-block latency, achieved TFLOP/s and a kernel-time breakdown (conv vs the rest).",
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"],
-                            help="model size preset (VAE layout and video resolution)"),
+        "preset": preset_field(["tiny", "small", "wan22_ti2v_5b"],
+                               help="model size preset (VAE layout and video resolution)"),
+        "decoder": inference_field("decoder"),
         "dtype": FieldSpec(str, "bf16", choices=list(_DTYPES), help="VAE weights and activations"),
         "channels_last": FieldSpec(bool, False, help="decode in channels_last_3d layout "
                                                      "(StreamingDecoder(channels_last=True))"),

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from impl.train.data import latent_to_raw_frame
+from impl.train.clip_geometry import latent_to_raw_frame
 from impl.train.procedural import BACKGROUND_COLORS, DIRECTIONS, OBJECT_COLORS, SHAPES, caption_attributes
 from repro.quality import metrics as M
 

@@ -23,13 +23,14 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from impl.config import ConfigError, Preset, _require, get_preset
+from impl.io import write_json
 
 __all__ = ["ProxyConfig", "ProxySystem", "PROXY_PRESETS", "TRAIN_PRECISIONS"]
 
@@ -40,44 +41,59 @@ ARTIFACT_VERSION = 1
 TRAIN_PRECISIONS = ("bf16", "nvfp4_emulated")
 
 
+def _knob(default: Any, help: str):
+    """A ProxyConfig field with its help text: the quality benchmark's measure fields are
+    derived from these (one declaration of each setting)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Every setting of the proxy's training; the defaults are the CPU smoke size."""
 
     preset: str = "tiny"
-    seed: int = 0
-    vae_steps: int = 200
-    vae_batch: int = 4
-    vae_lr: float = 2e-3
-    detector_steps: int = 300
-    detector_clips: int = 300
-    train_clips: int = 64          # distinct clips of the AR training set
-    clip_blocks: int = 4           # AR blocks per training clip
-    shots_per_clip: int = 2
-    ar_steps: int = 200
-    ar_batch: int = 4
-    ar_lr: float = 1e-3
-    distill_iters: int = 40
-    lora_rank: int = 16
-    distill_lr: float = 1e-4
+    seed: int = _knob(0, "seed of every training run and of the evaluation set")
+    vae_steps: int = _knob(200, "VAE training steps")
+    vae_batch: int = _knob(4, "VAE clips per step")
+    vae_lr: float = _knob(2e-3, "VAE learning rate")
+    detector_steps: int = _knob(300, "attribute detector training steps")
+    detector_clips: int = _knob(300, "one-block procedural clips the detector trains on")
+    train_clips: int = _knob(64, "distinct clips of the AR training set")
+    clip_blocks: int = _knob(4, "AR blocks per training clip")
+    shots_per_clip: int = _knob(2, "shots per training clip")
+    ar_steps: int = _knob(200, "AR teacher-forcing steps")
+    ar_batch: int = _knob(4, "AR clips per step")
+    ar_lr: float = _knob(1e-3, "AR learning rate")
+    distill_iters: int = _knob(40, "DMD iterations per student")
+    lora_rank: int = _knob(16, "LoRA rank (= alpha)")
+    distill_lr: float = _knob(1e-4, "DMD learning rate (student and critic)")
+    decoder_steps: int = _knob(200, "distillation steps of each light decoder (LightVAE, TAE) from the VAE")
+    decoder_batch: int = _knob(4, "clips per light-decoder distillation step")
+    decoder_lr: float = _knob(1e-3, "light-decoder distillation learning rate")
 
     def __post_init__(self) -> None:
         _require(self.preset in PROXY_PRESETS, "ProxyConfig.preset",
                  f"must be one of {PROXY_PRESETS}, got {self.preset!r}")
         for name in ("vae_steps", "vae_batch", "detector_steps", "detector_clips", "train_clips", "clip_blocks",
-                     "shots_per_clip", "ar_steps", "ar_batch", "distill_iters", "lora_rank"):
+                     "shots_per_clip", "ar_steps", "ar_batch", "distill_iters", "lora_rank", "decoder_steps",
+                     "decoder_batch"):
             v = getattr(self, name)
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"ProxyConfig.{name}",
                      f"must be an integer >= 1, got {v!r}")
         _require(self.shots_per_clip <= self.clip_blocks, "ProxyConfig.shots_per_clip",
                  f"must be <= clip_blocks={self.clip_blocks}")
-        for name in ("vae_lr", "ar_lr", "distill_lr"):
+        for name in ("vae_lr", "ar_lr", "distill_lr", "decoder_lr"):
             _require(getattr(self, name) > 0, f"ProxyConfig.{name}", "must be > 0")
 
     @classmethod
     def from_measure(cls, measure: dict[str, Any], preset: str) -> "ProxyConfig":
-        names = {f for f in cls.__dataclass_fields__} - {"preset"}
+        names = {f.name for f in fields(cls)} - {"preset"}
         return cls(preset=preset, **{k: measure[k] for k in names if k in measure})
+
+    @classmethod
+    def knobs(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, help) of every training setting (all fields but ``preset``)."""
+        return [(f.name, f.default, f.metadata["help"]) for f in fields(cls) if f.name != "preset"]
 
     def key(self, *fields: str, parent: str = "") -> str:
         blob = json.dumps({"version": ARTIFACT_VERSION, "parent": parent, "preset": self.preset, "seed": self.seed,
@@ -109,10 +125,7 @@ class ProxySystem:
         """Write ``info.json`` last: a folder without it is an interrupted run and is redone.
         It names the device that trained the piece (a cache can be trained on a GPU and
         evaluated elsewhere)."""
-        info = {**info, "device": _device_name(self.device)}
-        tmp = folder / "info.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-        tmp.replace(folder / "info.json")
+        write_json(folder / "info.json", {**info, "device": _device_name(self.device)}, indent=1)
 
     def info(self, folder: Path) -> dict[str, Any]:
         return json.loads((folder / "info.json").read_text())
@@ -120,7 +133,8 @@ class ProxySystem:
     def _ready(self, folder: Path) -> bool:
         return (folder / "info.json").is_file()
 
-    def training_record(self, train_precision: str | None, lora_steps: int | None) -> dict[str, float | str]:
+    def training_record(self, train_precision: str | None, lora_steps: int | None,
+                        decoder: str = "wan") -> dict[str, float | str]:
         """Training time, device and final loss of the pieces behind one model variant (from
         their ``info.json``, so a cached piece reports the run that trained it); no teacher
         when ``train_precision`` is None (the ground truth through the VAE)."""
@@ -131,6 +145,8 @@ class ProxySystem:
         if lora_steps is not None:
             pieces.append(("lora", self._dir(f"lora{lora_steps}_{train_precision}",
                                              self.student_key(lora_steps, train_precision))))
+        if decoder != "wan":
+            pieces.append(("decoder", self._dir(f"decoder_{decoder}", self.decoder_key(decoder))))
         out: dict[str, float] = {}
         for name, folder in pieces:
             if self._ready(folder):
@@ -193,6 +209,47 @@ class ProxySystem:
 
     def embedder(self) -> Callable[[str], torch.Tensor]:
         return _embedder(self.text_encoder())
+
+    def decoder_key(self, kind: str) -> str:
+        return self.cfg.key("decoder_steps", "decoder_batch", "decoder_lr", parent=f"{self.vae_key()}:{kind}")
+
+    def decoder(self, kind: str):
+        """The light decoder ``kind`` (``lightvae_p50`` / ``lightvae_p75`` / ``tae``) distilled
+        from the proxy's VAE on procedural clips (cached); ``wan`` is the VAE itself."""
+        if kind == "wan":
+            return self.vae()
+        memo = f"decoder:{kind}"
+        if memo in self._memo:
+            return self._memo[memo]
+        import dataclasses
+
+        from impl.model.decoders import build_decoder, load_decoder
+        from impl.train.decoder_distill import DecoderDistillConfig, distill_decoder, init_pruned_from
+        from impl.train.procedural import ProceduralVideoSource
+        teacher = self.vae()
+        stats = dataclasses.replace(self.preset.vae, latents_mean=tuple(teacher.config.latents_mean),
+                                    latents_std=tuple(teacher.config.latents_std))
+        folder = self._dir(f"decoder_{kind}", self.decoder_key(kind))
+        path = folder / "decoder.safetensors"
+        if not self._ready(folder):
+            from safetensors.torch import save_file
+            p, c = self.preset, self.cfg
+            t0 = time.perf_counter()
+            student = build_decoder(kind, stats, device=self.device, seed=c.seed)
+            if kind != "tae":
+                init_pruned_from(student, teacher)
+            clips = ProceduralVideoSource(3, 1, p.video.height, p.video.width, length=100_000, seed=c.seed + 13)
+            log = distill_decoder(student, teacher, clips, DecoderDistillConfig(
+                steps=c.decoder_steps, batch_size=c.decoder_batch, lr=c.decoder_lr, seed=c.seed), progress=self.progress)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in student.state_dict().items()}, str(path))
+            self._memo[f"train_s_decoder_{kind}"] = time.perf_counter() - t0
+            tail = log[-20:]
+            self._finish(folder, {"piece": f"decoder_{kind}", "train_s": self._memo[f"train_s_decoder_{kind}"],
+                                  "first_loss": log[0]["loss"], "last_loss": sum(e["loss"] for e in tail) / len(tail)})
+        # Loaded back through the public loader (the layouts of the published files).
+        self._memo[memo] = load_decoder(kind, path, stats, device=self.device)
+        return self._memo[memo]
 
     def roundtrip(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [T, H, W, 3] through the VAE (posterior mean) and back."""
@@ -260,8 +317,8 @@ class ProxySystem:
         from tqdm.auto import tqdm
 
         from impl.model.vae import encode_video
-        from impl.parallel.vae_encode import frames_uint8_to_float
-        from impl.train.data import LatentSample
+        from impl.parallel.sp_vae_encode import frames_uint8_to_float
+        from impl.train.samples import LatentSample
         c = self.cfg
         vae, text = self.vae(), self.text_encoder()
         src = self.source(blocks=c.clip_blocks, length=c.train_clips, seed=c.seed + 31, shots=c.shots_per_clip)
@@ -284,7 +341,7 @@ class ProxySystem:
         folder = self._dir(f"teacher_{train_precision}", self.teacher_key(train_precision))
         if not self._ready(folder):
             from impl.train.config import TrainConfig
-            from impl.train.data import InMemorySource
+            from impl.train.samples import InMemorySource
             from impl.train.trainer import Trainer
             c = self.cfg
             t0 = time.perf_counter()
@@ -363,7 +420,8 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-PIECES = ("vae", "detector", "teacher", "lora4", "lora2", "teacher_nvfp4_emulated")
+DECODER_PIECES = ("lightvae_p50", "lightvae_p75", "tae")
+PIECES = ("vae", "detector", "teacher", "lora4", "lora2", "teacher_nvfp4_emulated") + DECODER_PIECES
 
 
 def train_pieces(system: ProxySystem, pieces: Sequence[str]) -> list[dict[str, Any]]:
@@ -377,6 +435,9 @@ def train_pieces(system: ProxySystem, pieces: Sequence[str]) -> list[dict[str, A
         elif name == "detector":
             system.detector()
             folder = system._dir("detector", system.detector_key())
+        elif name in DECODER_PIECES:
+            system.decoder(name)
+            folder = system._dir(f"decoder_{name}", system.decoder_key(name))
         elif name.startswith("teacher"):
             precision = name[len("teacher_"):] or "bf16"
             system.teacher_state(precision)

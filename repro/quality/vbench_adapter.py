@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from impl.io import write_json
 from repro.errors import HarnessError
 
 __all__ = [
@@ -341,12 +342,6 @@ def _prompt_from_filename(filename: str) -> str:
     return re.sub(r"-\d+$", "", Path(filename).stem)
 
 
-def _write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_videos(videos: Mapping[str, object], out_dir: str | Path, fps: int = 24,
                  index: int = 0, quality: float = 10.0) -> dict[str, Path]:
     """Write each ``{prompt: uint8 video [T, H, W, 3]}`` to ``out_dir/<prompt>-<index>.mp4``.
@@ -391,7 +386,7 @@ def write_videos(videos: Mapping[str, object], out_dir: str | Path, fps: int = 2
     prompts_path = out / PROMPTS_FILE
     prompts = _read_prompts(out)
     prompts.update(by_name)
-    _write_json_atomic(prompts_path, prompts)
+    write_json(prompts_path, prompts)
     return paths
 
 
