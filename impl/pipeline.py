@@ -55,6 +55,7 @@ class BlockTiming:
     dit_ms: float        # denoising steps + re-cache pass
     vae_ms: float        # streaming decode of this block (0 if not decoded)
     total_ms: float      # wall time of the block in the DiT loop, host-synchronised
+    loop_end_s: float = 0.0   # time.perf_counter() when the DiT loop finished the block
 
 
 @dataclass
@@ -265,7 +266,7 @@ class StreamingPipeline:
         latents: list[torch.Tensor] = []
         frames: list[torch.Tensor] = []        # appended by the decoder, in block order
         decoded: queue.SimpleQueue = queue.SimpleQueue()  # (n_frames, vae_ms) per decoded block
-        waiting: list[tuple[int, float, float]] = []      # (block, dit_ms, total_ms) to report
+        waiting: list[tuple[int, float, float, float]] = []   # (block, dit_ms, total_ms, loop end) to report
         timings: list[BlockTiming] = []
         writer = None
 
@@ -277,9 +278,9 @@ class StreamingPipeline:
 
         def report() -> None:  # emit timings of blocks that are fully done, in order
             while waiting and (not decoding or not decoded.empty()):
-                b, dit_ms, total_ms = waiting.pop(0)
+                b, dit_ms, total_ms, end_s = waiting.pop(0)
                 n_frames, vae_ms = decoded.get() if decoding else (0, 0.0)
-                timings.append(BlockTiming(b, n_frames, dit_ms, vae_ms, total_ms))
+                timings.append(BlockTiming(b, n_frames, dit_ms, vae_ms, total_ms, end_s))
                 if on_block is not None:
                     on_block(timings[-1])
 
@@ -291,7 +292,10 @@ class StreamingPipeline:
             if decoding:
                 from impl.vae_decode import make_block_decoder
                 # Entered after the writer, so it is closed (or aborted) before the writer.
-                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames))
+                lh, lw = self.preset.latent_hw
+                block_shape = (batch, self.model.cfg.in_channels, s.frames_per_block, lh, lw)
+                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames,
+                                                                 block_shape=block_shape))
             for b, prompt, shot_start, shot in self._shots(prompts):
                 wall0 = time.perf_counter()
                 t0 = timer.mark()
@@ -304,7 +308,8 @@ class StreamingPipeline:
                 if decoder is not None:
                     decoder.submit(x)  # sync: decodes now; async: waits only for a queue slot
                 latents.append(x.float().cpu())
-                waiting.append((b, timer.ms(t0, t1), (time.perf_counter() - wall0) * 1e3))
+                now = time.perf_counter()
+                waiting.append((b, timer.ms(t0, t1), (now - wall0) * 1e3, now))
                 report()
             if decoder is not None:
                 decoder.close()  # every frame delivered (and written) before the writer closes

@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from repro.runner import run_spec
 
     paths = run_spec(resolve_spec(args.spec), results_dir=args.results, device=args.device,
-                     only=parse_pairs(args.only or []), progress=not args.no_progress,
+                     only=parse_pairs(args.only or []), exclude=parse_pairs(args.exclude or [], "--exclude"),
+                     progress=not args.no_progress,
                      commit=args.commit, measure=parse_pairs(args.measure or [], "--measure"),
                      profile=args.profile)
     for p in paths:
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device class to run on (default: cuda if available, else cpu)")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
                      help="run only variants whose KEY equals VALUE (repeatable); the baseline always runs too")
+    run.add_argument("--exclude", action="append", metavar="KEY=VALUE",
+                     help="skip variants whose KEY equals VALUE (repeatable; applied after --only); the baseline "
+                          "still runs")
     run.add_argument("--measure", action="append", metavar="KEY=VALUE",
                      help="override one of the spec's measure settings for this run (repeatable; typed and "
                           "validated; records carry the settings used)")

@@ -78,7 +78,7 @@ def _clean_metrics(metrics: Any) -> dict[str, Any]:
 def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device: str | None = None,
              only: dict[str, Any] | None = None, progress: bool = True,
              commit: str | None = None, measure: dict[str, Any] | None = None,
-             profile: str | None = None) -> list[Path]:
+             profile: str | None = None, exclude: dict[str, Any] | None = None) -> list[Path]:
     """Run a spec's variants for this machine; return the written record paths.
 
     Raises SpecError for invalid specs/filters and RunError (after running the others) if
@@ -102,10 +102,12 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
     variants = spec.expand(dev)
     base_variant = spec.baseline_variant(dev)
     filt = parse_only(spec, only)
-    if filt:
-        variants = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())]
+    drop = _typed(spec, exclude, bench.variant_fields, "--exclude", "variant", validate=False)
+    if filt or drop:
+        variants = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())
+                    and not any(v.values.get(k) == unwanted for k, unwanted in drop.items())]
         if not variants:
-            raise SpecError(f"{spec.path}: --only {filt} matches no variant on {dev}")
+            raise SpecError(f"{spec.path}: --only {filt} / --exclude {drop} match no variant on {dev}")
         if base_variant is not None and all(v.slug != base_variant.slug for v in variants):
             # Speedups compare with a baseline measured in the same run, so it always runs.
             variants.insert(0, base_variant)

@@ -34,8 +34,10 @@ def test_only_filter_and_bad_only(tmp_path):
     assert len(paths) == 1 and "k-32" in paths[0].name
     with pytest.raises(SpecError, match="--only nope: unknown variant key"):
         run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"nope": "1"}, progress=False)
-    with pytest.raises(SpecError, match="matches no variant"):
+    with pytest.raises(SpecError, match="match no variant"):
         run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"k": "99"}, progress=False)
+    kept = run_spec(spec, results_dir=tmp_path / "x", device="cpu", exclude={"k": "32"}, progress=False)
+    assert kept and not any("k-32" in p.name for p in kept)
 
 
 def test_measure_override_is_typed_validated_and_recorded(tmp_path):

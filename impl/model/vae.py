@@ -232,6 +232,11 @@ class StreamingDecoder:
         self._num_convs = _count_causal_convs(vae)
         self.reset()
 
+    @property
+    def module(self) -> AutoencoderKLWan:
+        """The decoder module (the same attribute on every streaming decoder)."""
+        return self.vae
+
     def reset(self) -> None:
         """Start a new video: drop the cached features and the counters."""
         self._feat_cache: list[Any] = [None] * self._num_convs
