@@ -292,10 +292,7 @@ class StreamingPipeline:
             if decoding:
                 from impl.vae_decode import make_block_decoder
                 # Entered after the writer, so it is closed (or aborted) before the writer.
-                lh, lw = self.preset.latent_hw
-                block_shape = (batch, self.model.cfg.in_channels, s.frames_per_block, lh, lw)
-                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames,
-                                                                 block_shape=block_shape))
+                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames))
             for b, prompt, shot_start, shot in self._shots(prompts):
                 wall0 = time.perf_counter()
                 t0 = timer.mark()

@@ -26,7 +26,6 @@ and the caller may overwrite or free its own tensor right after ``submit``.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -417,32 +416,13 @@ class BlockDecoder:
                 self._slots.release()
 
 
-def _warm_up(backend: Any, shape: tuple[int, ...]) -> None:
-    """Run a compiled decoder over three zero blocks of ``shape`` (the first chunk and two
-    steady ones, so every call signature is compiled), then reset its stream. Runs in the
-    caller's thread: torch.compile traces with FX, which patches ``nn.Module.__call__``
-    process-wide, so compiling in the worker thread would break the DiT running beside it."""
-    p = next(backend.decoder.module.parameters())
-    z = torch.zeros(shape, dtype=p.dtype, device=p.device)
-    stream = getattr(backend, "side", None) or getattr(backend, "stream", None)
-    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-        for _ in range(3):
-            backend.decoder.decode_block(z)
-        if p.device.type == "cuda":
-            torch.cuda.synchronize(p.device)
-    backend.decoder.reset()
-
-
-def make_block_decoder(vae: torch.nn.Module, cfg: "InferenceConfig", *, on_frames: FramesCallback,
-                       block_shape: tuple[int, ...] | None = None) -> BlockDecoder:
+def make_block_decoder(vae: torch.nn.Module, cfg: "InferenceConfig", *, on_frames: FramesCallback) -> BlockDecoder:
     """Build a :class:`BlockDecoder` for ``vae`` (any decoder of :mod:`impl.model.decoders`) with the
     decode settings of ``cfg`` (validated there): ``vae_channels_last`` / ``vae_compile`` for the
     decoder's streaming state; ``vae_mode`` ``"sync"``, ``"stream"`` (the VAE on a
     CUDA GPU) or ``"device"`` (the VAE is moved, in place, to ``vae_device``, the CPU by
     default); ``vae_queue_depth`` bounds the blocks in flight in the async modes.
-    ``on_frames`` receives each :class:`DecodedBlock`, in block order. ``block_shape`` (the
-    latents of one block): with ``vae_compile`` in an async mode the decoder is compiled on
-    zeros of that shape before the worker starts (see :func:`_warm_up`)."""
+    ``on_frames`` receives each :class:`DecodedBlock`, in block order."""
     if not callable(on_frames):
         raise TypeError("on_frames must be callable")
     options = {"channels_last": cfg.vae_channels_last, "compile": cfg.vae_compile}
@@ -452,6 +432,4 @@ def make_block_decoder(vae: torch.nn.Module, cfg: "InferenceConfig", *, on_frame
         backend = _StreamBackend(vae, **options)
     else:
         backend = _DeviceBackend(vae, cfg.vae_device, **options)
-    if cfg.vae_compile and cfg.vae_mode != "sync" and block_shape is not None:
-        _warm_up(backend, block_shape)
     return BlockDecoder(backend, cfg.vae_mode, cfg.vae_queue_depth, on_frames, z_dim=vae.config.z_dim)

@@ -69,7 +69,8 @@ class InferenceConfig:
       ``vae_device`` only with ``vae_mode="device"`` (None there means the CPU); the queue
       depth bounds the blocks in flight in the async modes.
     vae_channels_last / vae_compile: run the decoder's 3-D convolutions channels-last (Wan /
-      LightVAE), and ``torch.compile`` its module.
+      LightVAE), and ``torch.compile`` its module (``vae_mode="sync"`` only: compiling in the
+      async modes' worker thread is not safe beside the DiT).
     attention: the kernel of KV-cached self-attention (impl/model/attention_backends.py).
     compile: ``torch.compile`` each DiT block's two pure halves; ``cuda_graphs`` (needs
       ``compile``, CUDA) compiles them with ``mode="reduce-overhead"``, so each half replays as
@@ -127,6 +128,12 @@ class InferenceConfig:
         if self.vae_channels_last and self.decoder == "tae":
             raise ConfigError("vae_channels_last: the tiny decoder (decoder='tae') runs 2-D convolutions per frame; "
                               "channels-last applies to the 3-D convolutions of wan / lightvae_*")
+        if self.vae_compile and self.vae_mode != "sync":
+            # Measured on an H200: a compiled decoder in the worker thread slowed the DiT 2.6x and,
+            # on a recompile, crashed its forward (torch.compile's FX tracing patches
+            # nn.Module.__call__ for the whole process while it traces).
+            raise ConfigError(f"vae_compile: only with vae_mode='sync' (got {self.vae_mode!r}); torch.compile "
+                              "traces in the decode worker's thread, which breaks the DiT running beside it")
         if self.cuda_graphs and not self.compile:
             raise ConfigError("cuda_graphs: CUDA graphs capture the compiled block halves; set compile=true too")
         if self.kv_comm == "nvfp4" and self.kv_cache != "nvfp4":
