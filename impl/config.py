@@ -30,11 +30,20 @@ def raw_frames_for_latents(num_latent_frames: int, temporal_factor: int = 4) -> 
     return 1 + temporal_factor * (num_latent_frames - 1)
 
 
-def _positive(obj: Any, *names: str) -> None:
+def require_positive_ints(obj: Any, *names: str) -> None:
+    """Each named field of a config dataclass is an integer >= 1 (ConfigError naming it)."""
     for name in names:
         value = getattr(obj, name)
         _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                  f"{type(obj).__name__}.{name}", f"must be a positive integer, got {value!r}")
+
+
+def require_positive(obj: Any, *names: str) -> None:
+    """Each named field of a config dataclass is a number > 0 (ConfigError naming it)."""
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 f"{type(obj).__name__}.{name}", f"must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        _positive(self, "num_layers", "dim", "num_heads", "ffn_dim", "in_channels",
+        require_positive_ints(self, "num_layers", "dim", "num_heads", "ffn_dim", "in_channels",
                   "out_channels", "text_dim", "freq_dim")
         _require(self.dim % self.num_heads == 0, "DiTConfig.dim",
                  f"must be divisible by num_heads={self.num_heads}, got {self.dim}")
@@ -94,7 +103,7 @@ class VAEConfig:
     latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "patch_size")
+        require_positive_ints(self, "base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "patch_size")
         _require(len(self.temporal_downsample) == len(self.dim_mult) - 1,
                  "VAEConfig.temporal_downsample", "needs len(dim_mult) - 1 entries")
         for name in ("latents_mean", "latents_std"):
@@ -126,7 +135,7 @@ class TextEncoderConfig:
     max_length: int = 512
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff",
+        require_positive_ints(self, "vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff",
                   "relative_attention_num_buckets", "relative_attention_max_distance", "max_length")
 
 
@@ -139,7 +148,7 @@ class VideoConfig:
     fps: int = 24
 
     def __post_init__(self) -> None:
-        _positive(self, "height", "width", "fps")
+        require_positive_ints(self, "height", "width", "fps")
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,7 @@ class StreamConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self, "frames_per_block", "kv_window_frames", "steps")
+        require_positive_ints(self, "frames_per_block", "kv_window_frames", "steps")
         fpb = self.frames_per_block
         _require(self.kv_window_frames % fpb == 0, "StreamConfig.kv_window_frames",
                  f"must be a multiple of frames_per_block={fpb}, got {self.kv_window_frames}")

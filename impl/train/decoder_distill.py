@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from impl.config import _require
+from impl.config import require_positive, require_positive_ints
 from impl.model.tae import TinyDecoder
 from impl.model.vae import denormalize_latents, encode_video
 from impl.parallel.sp_vae_encode import frames_uint8_to_float
@@ -34,11 +34,8 @@ class DecoderDistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"DecoderDistillConfig.{name}", f"must be an integer >= 1, got {v!r}")
-        for name in ("lr", "grad_clip"):
-            _require(getattr(self, name) > 0, f"DecoderDistillConfig.{name}", "must be > 0")
+        require_positive_ints(self, "steps", "batch_size")
+        require_positive(self, "lr", "grad_clip")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

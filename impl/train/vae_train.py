@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from impl.config import ConfigError, _require
+from impl.config import ConfigError, _require, require_positive, require_positive_ints
 from impl.parallel.sp_vae_encode import frames_uint8_to_float
 from impl.train.samples import VideoClip
 
@@ -34,11 +34,8 @@ class VAETrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 1, f"VAETrainConfig.{name}", f"must be an integer >= 1, got {v!r}")
-        for name in ("lr", "grad_clip"):
-            _require(getattr(self, name) > 0, f"VAETrainConfig.{name}", "must be > 0")
+        require_positive_ints(self, "steps", "batch_size")
+        require_positive(self, "lr", "grad_clip")
         for name in ("kl_weight", "mse_weight"):
             _require(getattr(self, name) >= 0, f"VAETrainConfig.{name}", "must be >= 0")
 

@@ -55,6 +55,18 @@ def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
         return None
 
 
+SEED = FieldSpec(int, 0, min=0, help="seed of the weights and inputs")
+
+
+def timing_fields(warmup: int, repeats: int, buffers: int | None = None) -> dict[str, FieldSpec]:
+    """The measure fields of a repeated kernel timing (median of ``repeats`` calls)."""
+    out = {"warmup": FieldSpec(int, warmup, min=0, help="untimed calls first (autotuning, graph builds)"),
+           "repeats": FieldSpec(int, repeats, min=1, help="timed calls; the median is reported")}
+    if buffers is not None:
+        out["buffers"] = FieldSpec(int, buffers, min=1, help="input sets rotated over (defeats the L2 cache)")
+    return out
+
+
 def finish_gpu_run(metrics: dict[str, Any], device: Any) -> dict[str, Any]:
     """Add ``peak_mem_gb`` (CUDA) to ``metrics``, then collect garbage and return the caching
     allocator's free blocks, so the next variant starts from an empty device. The caller must

@@ -25,7 +25,7 @@ import torch
 
 from impl.model.attention_backends import attention_fn, sdpa, sqnr_db
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import finish_gpu_run, inference_field
+from repro.benchmarks._shared import SEED, finish_gpu_run, inference_field, timing_fields
 from repro.timing import percentile, time_ms
 
 
@@ -118,11 +118,9 @@ ATTENTION_KERNELS = register(Benchmark(
         "queries": FieldSpec(int, 7040, min=1, help="queries per call (one block's tokens)"),
         "heads": FieldSpec(int, 24, min=1, help="attention heads"),
         "head_dim": FieldSpec(int, 128, min=16, help="head dimension"),
-        "warmup": FieldSpec(int, 5, min=0, help="untimed calls first (autotuning, graph builds)"),
-        "repeats": FieldSpec(int, 20, min=1, help="timed calls"),
-        "buffers": FieldSpec(int, 3, min=1, help="input sets rotated over"),
+        **timing_fields(warmup=5, repeats=20, buffers=3),
         "warmup_blocks": FieldSpec(int, 4, min=1, help="source model: blocks streamed before the audited one"),
-        "seed": FieldSpec(int, 0, min=0),
+        "seed": SEED,
     },
     run=run_attention_kernels,
     table_metrics=["ms_p50", "kernel_ms_p50", "sdpa_ms_p50", "tflops", "kernel_tflops", "speedup_vs_sdpa",

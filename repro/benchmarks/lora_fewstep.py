@@ -24,6 +24,7 @@ import torch
 
 from impl.config import get_preset
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import SEED, preset_field
 
 _PROMPTS = ["a red ball rolls to the left over a grey floor", "a red ball rolls to the left over a grey floor",
             "The scene transitions. a blue cube slides up over a green field"]
@@ -146,7 +147,7 @@ LORA_FEWSTEP = register(Benchmark(
     name="lora_fewstep",
     description="Teacher (many/few steps) vs DMD-distilled LoRA students: DiT FPS and fidelity to the teacher's many-step output.",
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small"], help="model preset (trained in the harness)"),
+        "preset": preset_field(["tiny", "small"], help="model preset (trained in the harness)"),
         "distilled": FieldSpec(bool, False, help="student with a DMD-distilled LoRA (merged), else the teacher"),
         "steps": FieldSpec(int, 8, choices=[1, 2, 3, 4, 8, 16], help="sampling steps per block"),
     },
@@ -156,7 +157,7 @@ LORA_FEWSTEP = register(Benchmark(
         "lora_rank": FieldSpec(int, 16, min=1, help="LoRA rank (= alpha)"),
         "reference_steps": FieldSpec(int, 16, min=1, help="teacher steps of the reference videos"),
         "videos": FieldSpec(int, 2, min=1, help="evaluation videos (3 blocks, 2 shots each)"),
-        "seed": FieldSpec(int, 0, min=0),
+        "seed": SEED,
     },
     run=run_lora_fewstep,
     check_variant=_check,

@@ -18,6 +18,7 @@ import torch
 
 from impl.quant import nvfp4
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import SEED, timing_fields
 from repro.timing import time_ms
 
 OPS = ["quantize", "dequantize", "dequantize_kv"]
@@ -85,12 +86,10 @@ NVFP4_KERNELS = register(Benchmark(
         "tokens_per_block": FieldSpec(int, 7040, min=1, help="dequantize_kv: tokens per slot"),
     },
     measure_fields={
-        "warmup": FieldSpec(int, 3, min=0, help="untimed calls first"),
-        "repeats": FieldSpec(int, 20, min=1, help="timed calls; the median is reported"),
-        "buffers": FieldSpec(int, 4, min=1, help="input buffers rotated over (defeats the L2 cache)"),
+        **timing_fields(warmup=3, repeats=20, buffers=4),
         "calls_per_timing": FieldSpec(int, 10, min=1, help="back-to-back calls per timed interval"),
         "copy_mb": FieldSpec(int, 1024, min=1, help="size of the reference copy in MiB"),
-        "seed": FieldSpec(int, 0, min=0, help="seed of the inputs"),
+        "seed": SEED,
     },
     run=run_nvfp4_kernels,
     table_metrics=["ms_p50", "gbps", "copy_gbps", "fraction_of_copy", "mbytes_moved"],

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from impl.config import require_positive, require_positive_ints
 from impl.train.procedural import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES
 
 __all__ = ["DetectorConfig", "AttributeDetector", "Detections", "train_detector", "frame_batches"]
@@ -34,12 +35,8 @@ class DetectorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "feature_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"DetectorConfig.{name}: must be an integer >= 1, got {v!r}")
-        if self.lr <= 0:
-            raise ValueError(f"DetectorConfig.lr: must be > 0, got {self.lr}")
+        require_positive_ints(self, "steps", "batch_size", "feature_dim")
+        require_positive(self, "lr")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
