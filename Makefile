@@ -12,8 +12,14 @@ RESULTS     ?= results
 # The main job's experiments: inference speed, and the quality proxy (trained here: about 5 min
 # on a 2-core CPU with the tiny preset; on a GPU the proxy preset trains for longer, see README).
 SPECS       ?= experiments/inference_speed.yaml experiments/quality.yaml
+# CPU numerics pinned for reproducible records (CPU-only machines; GPU machines run as they are):
+# the AVX2 code paths of ATen, MKL and oneDNN on any x86 CPU (an AVX-512 Xeon otherwise takes
+# other kernels than an AVX2 EPYC, and the proxy's training trajectories drift apart) and a
+# fixed thread count. Records carry these settings (hardware.cpu_numerics); check-reproduce
+# states the tolerances a fresh run must meet.
+CPU_NUMERICS ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 
-.PHONY: venv reproduce test test-gpu bench report clean
+.PHONY: venv reproduce check-reproduce test test-gpu bench report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +33,16 @@ venv: $(VENV)/.installed
 ## Main job: run the experiments for this machine (tiny presets on CPU, 5B / proxy on CUDA),
 ## then regenerate every table and plot and the paper comparison.
 reproduce: venv
-	@for spec in $(SPECS); do echo "== $$spec"; $(PY) -m repro run $$spec --results $(RESULTS) || exit 1; done
+	@numerics=$$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '$(CPU_NUMERICS)')"); \
+	for spec in $(SPECS); do echo "== $$spec"; env $$numerics $(PY) -m repro run $$spec --results $(RESULTS) || exit 1; done
 	$(MAKE) --no-print-directory report
+
+## A fresh `make reproduce` into a scratch folder, compared with the committed CPU records
+## (quality metrics tight, speed within 3x): see repro/reproduce_check.py.
+check-reproduce: venv
+	rm -rf .cache/check_reproduce
+	$(MAKE) --no-print-directory reproduce RESULTS=.cache/check_reproduce
+	$(PY) -m repro.reproduce_check --fresh .cache/check_reproduce --committed results
 
 report: venv
 	$(PY) -m repro report --results $(RESULTS)

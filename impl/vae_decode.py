@@ -14,7 +14,12 @@ In the async modes ``submit`` only blocks while ``queue_depth`` blocks are in fl
 (submitted but not yet delivered). A failure in the worker reaches the caller at the next
 ``submit``/``drain``/``close`` as :class:`VAEDecodeError` with the original as ``__cause__``;
 the worker then stops and pending blocks are discarded, so frames are never lost silently,
-duplicated or reordered.
+duplicated or reordered. Two kinds of failure are not decode failures and reach the caller
+unwrapped, the first time they are raised: a :class:`KeyboardInterrupt` / :class:`SystemExit`
+(Ctrl-C during a sync decode, or raised by ``on_frames``) and an
+:class:`impl.video_io.VideoWriteError` from ``on_frames`` (writing the mp4 failed). Every wait
+of the caller (a queue slot in ``submit``, ``drain``) polls, so Ctrl-C is seen within
+``_POLL_S`` seconds.
 
 Cross-stream ownership ("stream" mode; the official release races here): ``submit`` copies
 the latents on the producer (caller's current) stream into a tensor the decoder owns, records
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from impl.model.decoders import stream_decoder
+from impl.video_io import VideoWriteError
 
 if TYPE_CHECKING:
     from impl.inference.config import InferenceConfig
@@ -49,6 +55,11 @@ _STOP = object()    # worker sentinel
 
 class VAEDecodeError(RuntimeError):
     """Decoding (or delivering) a block failed; ``__cause__`` holds the original error."""
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Errors that are not the decoder's: Ctrl-C / exit, and a failed mp4 write in ``on_frames``."""
+    return not isinstance(exc, Exception) or isinstance(exc, VideoWriteError)
 
 
 @dataclass(frozen=True)
@@ -236,7 +247,8 @@ class BlockDecoder:
     Use :func:`make_block_decoder` to build one. ``on_frames`` runs in the thread that decodes:
     the caller's in ``"sync"`` mode, the single worker thread otherwise (one block at a time, in
     block order); it must not call back into this decoder, and an exception in it counts as a
-    decode failure. Use as a context manager: a normal exit drains (like :meth:`close`), an
+    decode failure, except a :class:`~impl.video_io.VideoWriteError`, ``KeyboardInterrupt`` or
+    ``SystemExit``, which reach the caller as they are. Use as a context manager: a normal exit drains (like :meth:`close`), an
     exception exits through :meth:`abort`. One decoder decodes one video.
     """
 
@@ -251,6 +263,7 @@ class BlockDecoder:
         self._submitted = 0
         self._delivered = 0
         self._error: tuple[int, BaseException] | None = None
+        self._error_raised = False   # a pass-through error is raised as is only once
         self._closed = False
         self._cond = threading.Condition()
         self._slots = threading.Semaphore(queue_depth)
@@ -368,7 +381,8 @@ class BlockDecoder:
             self._raise_if_failed()
 
     def _process(self, index: int, staged: Any) -> bool:
-        """Decode and deliver one block; record a failure instead of raising."""
+        """Decode and deliver one block; record a failure instead of raising (the caller's
+        thread raises it: see :meth:`_raise_if_failed`; Ctrl-C and mp4 write errors unwrapped)."""
         try:
             frames, ms = self._backend.decode(staged)
             del staged  # drop our reference to the input as soon as the decode is done
@@ -390,6 +404,9 @@ class BlockDecoder:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             index, exc = self._error
+            if _passes_through(exc) and not self._error_raised:
+                self._error_raised = True
+                raise exc
             raise VAEDecodeError(f"VAE decode of block {index} failed ({self.mode} mode): "
                                  f"{type(exc).__name__}: {exc}") from exc
 

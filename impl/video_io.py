@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Mp4Writer", "read_video", "frames_to_uint8"]
+__all__ = ["Mp4Writer", "VideoWriteError", "VideoFrameError", "read_video", "frames_to_uint8"]
+
+
+class VideoWriteError(RuntimeError):
+    """Writing an mp4 failed (ffmpeg exited or its pipe broke, the disk filled up, the folder
+    cannot be written); the message names the output file, ``__cause__`` holds the original.
+    Not a decode failure: :class:`impl.vae_decode.BlockDecoder` passes it through unwrapped."""
+
+
+class VideoFrameError(VideoWriteError, ValueError):
+    """Frames an mp4 cannot hold (odd or changing size, wrong dtype or shape)."""
 
 
 def _require_ffmpeg() -> Any:
@@ -76,12 +86,23 @@ class Mp4Writer:
 
     def __enter__(self) -> "Mp4Writer":
         iio = _require_ffmpeg()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise VideoWriteError(f"cannot write mp4 {self.path}: it is a folder")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VideoWriteError(f"cannot write mp4 {self.path}: cannot create its folder "
+                                  f"({exc.strerror or exc})") from exc
         self._tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
-        # macro_block_size=1: never let imageio resize frames to multiples of 16.
-        self._writer = iio.get_writer(self._tmp, format="FFMPEG", mode="I", fps=self.fps,
-                                      codec="libx264", quality=self.quality,
-                                      pixelformat="yuv420p", macro_block_size=1)
+        try:
+            # macro_block_size=1: never let imageio resize frames to multiples of 16.
+            self._writer = iio.get_writer(self._tmp, format="FFMPEG", mode="I", fps=self.fps,
+                                          codec="libx264", quality=self.quality,
+                                          pixelformat="yuv420p", macro_block_size=1)
+        except Exception as exc:
+            _remove(self._tmp)
+            self._tmp = None
+            raise VideoWriteError(f"cannot write mp4 {self.path}: {type(exc).__name__}: {_first_line(exc)}") from exc
         return self
 
     def append(self, frames: torch.Tensor) -> None:
@@ -95,18 +116,23 @@ class Mp4Writer:
         if isinstance(frames, torch.Tensor):
             frames = frames.detach().cpu().numpy()
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"Mp4Writer.append_uint8: expected uint8 [T, H, W, 3], "
-                             f"got {frames.dtype} {tuple(frames.shape)}")
+            raise VideoFrameError(f"Mp4Writer.append_uint8 ({self.path}): expected uint8 [T, H, W, 3], "
+                                  f"got {frames.dtype} {tuple(frames.shape)}")
         h, w = frames.shape[1:3]
         if h % 2 or w % 2:
-            raise ValueError(f"Mp4Writer: libx264 (yuv420p) needs even height and width, got {h}x{w}")
+            raise VideoFrameError(f"Mp4Writer ({self.path}): libx264 (yuv420p) needs even height and width, "
+                                  f"got {h}x{w}")
         if self._size is None:
             self._size = (h, w)
         elif self._size != (h, w):
-            raise ValueError(f"Mp4Writer: frame size changed from {self._size[0]}x{self._size[1]} "
-                             f"to {h}x{w} within one video")
+            raise VideoFrameError(f"Mp4Writer ({self.path}): frame size changed from {self._size[0]}x"
+                                  f"{self._size[1]} to {h}x{w} within one video")
         for frame in frames:
-            self._writer.append_data(frame)
+            try:
+                self._writer.append_data(frame)
+            except Exception as exc:  # ffmpeg died / its pipe broke / the disk filled up
+                raise VideoWriteError(f"writing mp4 {self.path} failed after {self.frames_written} frames: "
+                                      f"{type(exc).__name__}: {_first_line(exc)}") from exc
             self.frames_written += 1
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -117,18 +143,30 @@ class Mp4Writer:
         try:
             if writer is not None:
                 writer.close()
-        except Exception:
+        except Exception as close_exc:
             ok = False
             if exc_type is None:
                 _remove(tmp)
-                raise
+                raise VideoWriteError(f"writing mp4 {self.path} failed when finishing the file: "
+                                      f"{type(close_exc).__name__}: {_first_line(close_exc)}") from close_exc
         if ok and self.frames_written == 0:
             _remove(tmp)
-            raise ValueError(f"Mp4Writer: no frames were written; {self.path} not created")
+            raise VideoFrameError(f"Mp4Writer: no frames were written; {self.path} not created")
         if ok and tmp is not None:
-            os.replace(tmp, self.path)  # atomic on one filesystem: never a half-written mp4
+            try:
+                os.replace(tmp, self.path)  # atomic on one filesystem: never a half-written mp4
+            except OSError as exc:
+                _remove(tmp)
+                raise VideoWriteError(f"cannot move the finished mp4 to {self.path}: "
+                                      f"{exc.strerror or exc}") from exc
         else:
             _remove(tmp)
+
+
+def _first_line(exc: BaseException) -> str:
+    """imageio appends the whole ffmpeg command and its stderr; the first line says what failed."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _remove(path: Path | None) -> None:

@@ -14,11 +14,26 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 
 def resolve_spec(arg: str) -> Path:
-    """Accept a path, or a bare experiment name looked up in experiments/<name>.yaml."""
+    """Accept a path, or a bare experiment name looked up in experiments/<name>.yaml.
+
+    Raises SpecError naming what was looked for (and how to list the specs) when neither exists."""
     p = Path(arg)
-    if p.exists() or p.suffix in (".yaml", ".yml") or "/" in arg:
+    if p.exists():
         return p
-    return EXPERIMENTS_DIR / f"{arg}.yaml"
+    if p.suffix in (".yaml", ".yml") or "/" in arg:
+        raise SpecError(f"spec {arg}: no such file; list the experiment specs with `python -m repro specs`")
+    named = EXPERIMENTS_DIR / f"{arg}.yaml"
+    if not named.exists():
+        raise SpecError(f"spec {arg!r} does not exist (no file {arg}, no {spec_display(named)}); "
+                        f"list the experiment specs with `python -m repro specs`")
+    return named
+
+
+def spec_display(path: Path) -> str:
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def parse_pairs(items: list[str], flag: str = "--only") -> dict[str, str]:
@@ -78,10 +93,11 @@ def cmd_specs(args: argparse.Namespace) -> int:
     import yaml
 
     folder = Path(args.dir)
+    if not folder.is_dir():
+        raise HarnessError(f"--dir {folder}: no such folder")
     files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
     if not files:
-        print(f"no specs in {folder}")
-        return 0
+        raise HarnessError(f"--dir {folder}: no *.yaml specs in this folder")
     width = max(len(f.stem) for f in files)
     for f in files:
         try:
@@ -101,35 +117,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run every variant of an experiment spec on this machine")
-    run.add_argument("spec", help="spec file (experiments/NAME.yaml) or just the experiment NAME")
-    run.add_argument("--results", default="results", help="results folder (default: results)")
+    run.add_argument("spec", help="spec file (experiments/NAME.yaml) or just the experiment NAME "
+                                  "(list them with `python -m repro specs`)")
+    run.add_argument("--results", default="results", metavar="DIR",
+                     help="results folder; records go to DIR/<experiment>/<hardware>/ (default: results)")
     run.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                     help="device class to run on (default: cuda if available, else cpu)")
+                     help="device class to run on: cpu or cuda (default: cuda if available, else cpu)")
     run.add_argument("--only", action="append", metavar="KEY=VALUE",
-                     help="run only variants whose KEY equals VALUE (repeatable); the baseline always runs too")
+                     help="run only variants whose KEY equals VALUE (repeatable, all must hold; KEY is a variant "
+                          "key of the spec's benchmark, a value no variant has is an error listing those that "
+                          "exist); the baseline always runs too (default: every variant)")
     run.add_argument("--exclude", action="append", metavar="KEY=VALUE",
                      help="skip variants whose KEY equals VALUE (repeatable; applied after --only); the baseline "
-                          "still runs")
+                          "still runs (default: skip none)")
     run.add_argument("--measure", action="append", metavar="KEY=VALUE",
-                     help="override one of the spec's measure settings for this run (repeatable; typed and "
-                          "validated; records carry the settings used)")
+                     help="override one of the spec's measure settings for this run (repeatable; KEY is a measure "
+                          "key of the spec's benchmark, typed and validated; records carry the settings used) "
+                          "(default: the spec's settings)")
     run.add_argument("--profile", choices=["cpu", "cuda"], default=None,
-                     help="use the spec's profile for this device class instead of the one of --device "
-                          "(e.g. evaluate the cuda-sized settings on a CPU); records name the real hardware")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                     help="use the spec's profile for this device class, cpu or cuda, instead of the one of "
+                          "--device (e.g. evaluate the cuda-sized settings on a CPU); records name the real "
+                          "hardware (default: the profile of --device)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     run.add_argument("--commit", default=None, metavar="SHA",
-                     help="commit to record when the tree has no git metadata (a copy on a remote GPU)")
+                     help="commit to record when the tree has no git metadata (a copy on a remote GPU) "
+                          "(default: the checkout's HEAD)")
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="build Markdown/CSV tables and PNG plots from records")
-    rep.add_argument("--results", default="results", help="results folder (default: results)")
+    rep.add_argument("--results", default="results", metavar="DIR",
+                     help="results folder to read records from; tables go to DIR/tables, plots to DIR/plots "
+                          "(default: results)")
     rep.set_defaults(func=cmd_report)
 
     hw = sub.add_parser("hardware", help="print the detected hardware as JSON")
     hw.set_defaults(func=cmd_hardware)
 
     specs = sub.add_parser("specs", help="list experiment specs with their descriptions")
-    specs.add_argument("--dir", default=str(EXPERIMENTS_DIR), help="folder of specs (default: experiments/)")
+    specs.add_argument("--dir", default=str(EXPERIMENTS_DIR), metavar="DIR",
+                       help="folder of *.yaml specs (default: experiments/)")
     specs.set_defaults(func=cmd_specs)
 
     gen = sub.add_parser("generate", help="stream a (multi-shot) video to mp4 with the causal DiT")
@@ -145,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; user errors are one line on stderr (no traceback) and an exit code:
+    1 a run with failed variants or an I/O failure, 2 a bad spec/option/path, 130 Ctrl-C."""
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -155,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         # ValueError covers benchmark config errors (e.g. impl.config.ConfigError).
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # e.g. the disk filled up while writing a record
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -80,10 +80,24 @@ def _commit(given: str | None) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_inference_arguments(ap, skip=("sp_size", "kv_comm", "vae_mode", "vae_device", "vae_queue_depth"))
     ap.add_argument("--warmup-blocks", type=int, default=4, help="blocks generated before the profiled one (default: 4)")
-    ap.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
-    ap.add_argument("--out", default=None, help="JSON summary path (default: print only)")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed, >= 1 (default: 15)")
+    ap.add_argument("--out", default=None, metavar="JSON",
+                    help="JSON summary path, checked for writability before the model is built (default: print only)")
     ap.add_argument("--commit", default=None, metavar="SHA",
-                    help="commit to record when the tree has no git metadata (a copy on a remote GPU)")
+                    help="commit to record when the tree has no git metadata (a copy on a remote GPU) "
+                         "(default: the checkout's HEAD)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad arguments before anything is built (ValueError / HarnessError: one line)."""
+    from repro.records import check_output_file
+
+    if args.warmup_blocks < 1:
+        raise ValueError(f"--warmup-blocks: must be >= 1 (the profiled block follows them), got {args.warmup_blocks}")
+    if args.top < 1:
+        raise ValueError(f"--top: must be >= 1, got {args.top}")
+    if args.out:
+        check_output_file(args.out, "--out")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -92,8 +106,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from impl.inference.build import Weights, build_pipeline
 
-    if args.warmup_blocks < 1:
-        raise ValueError(f"--warmup-blocks: must be >= 1 (the profiled block follows them), got {args.warmup_blocks}")
+    check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config_from_args(args)
     # Random weights and a fixed random embedding per prompt: the profile is of the DiT's block.

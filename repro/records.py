@@ -3,21 +3,54 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from impl.io import write_json
+from repro.errors import HarnessError
 from repro.hardware import hardware_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = ("experiment", "metrics", "variant", "hardware")
 
 
-def git_state(root: str | Path = REPO_ROOT) -> dict[str, Any]:
-    """``{"commit": sha or "unknown", "dirty": bool or None}`` for the repo at ``root``."""
+# Folders the harness itself writes during a run (records, tables and plots, trained proxy
+# pieces, pytest-benchmark output). Changes under them are outputs, not code: a record written
+# earlier in the same `make reproduce` must not make the later ones "dirty".
+HARNESS_OUTPUTS = ("results", ".cache", ".benchmarks")
+
+
+def _pathspec_excludes(root: Path, extra: tuple[str | Path, ...]) -> list[str]:
+    """``:(exclude)`` pathspecs (relative to ``root``) for the harness outputs and ``extra``
+    folders inside ``root``; folders outside the tree cannot make it dirty and are dropped."""
+    out = [f":(exclude){d}" for d in HARNESS_OUTPUTS]
+    for folder in extra:
+        p = Path(folder)
+        p = (p if p.is_absolute() else Path.cwd() / p).resolve()
+        try:
+            rel = p.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+        if rel not in (".", "") and f":(exclude){rel}" not in out:
+            out.append(f":(exclude){rel}")
+    return out
+
+
+def git_state(root: str | Path = REPO_ROOT, exclude: tuple[str | Path, ...] = ()) -> dict[str, Any]:
+    """``{"commit": sha or "unknown", "dirty": bool or None}`` for the repo at ``root``.
+
+    ``dirty`` means tracked files differ from HEAD outside the harness's own outputs
+    (:data:`HARNESS_OUTPUTS` and the ``exclude`` folders, e.g. a ``--results`` folder), so a
+    run that rewrites committed records does not mark its own later records dirty.
+    Untracked files (e.g. fresh results) do not change the measured code and are ignored too.
+    """
+    root = Path(root)
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -26,11 +59,61 @@ def git_state(root: str | Path = REPO_ROOT) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
     try:
-        # Untracked files (e.g. fresh results) do not change the measured code; ignore them.
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        top = Path(git("rev-parse", "--show-toplevel"))
+        dirty = bool(git("-C", str(top), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                         *_pathspec_excludes(top, (*exclude,))))
     except (OSError, subprocess.SubprocessError):
         dirty = None
     return {"commit": sha, "dirty": dirty}
+
+
+def output_dir_problem(path: str | Path) -> str | None:
+    """Why the folder ``path`` cannot be created or written, or None if it can.
+
+    Nothing is created: the nearest existing ancestor must be a folder this process may write
+    (probed with a temporary file, so read-only mounts and permissions both show up)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a folder"
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"cannot create {p}: {probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as exc:
+        return f"cannot write {p}: {probe} is not writable ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def output_file_problem(path: str | Path) -> str | None:
+    """Why the file ``path`` cannot be written, or None if it can (its folder as above)."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{p} is a folder, not a file"
+    return output_dir_problem(p.parent if str(p.parent) else ".")
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """Raise :class:`HarnessError` ``"<flag> <path>: <why>"`` unless ``path`` can be a writable
+    folder; call it before building any model, so a bad path fails in a second, not after a run."""
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise HarnessError(f"{flag} {path}: {problem}")
+    return Path(path)
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """:func:`check_output_dir` for an output file."""
+    problem = output_file_problem(path)
+    if problem is not None:
+        raise HarnessError(f"{flag} {path}: {problem}")
+    return Path(path)
 
 
 def spec_relpath(spec_path: str | Path, root: str | Path = REPO_ROOT) -> str:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from repro.errors import RunError, SpecError
 from repro.hardware import detect_hardware
-from repro.records import git_state, make_record, spec_relpath, write_record
+from repro.records import check_output_dir, git_state, make_record, spec_relpath, write_record
 from repro.spec import Spec, Variant, load_spec
 
 _LOWER_IS_BETTER = re.compile(r"(^|_)(ms|s)(_p\d+)?$")
@@ -104,15 +104,13 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
     filt = parse_only(spec, only)
     drop = _typed(spec, exclude, bench.variant_fields, "--exclude", "variant", validate=False)
     if filt or drop:
-        variants = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())
-                    and not any(v.values.get(k) == unwanted for k, unwanted in drop.items())]
-        if not variants:
-            raise SpecError(f"{spec.path}: --only {filt} / --exclude {drop} match no variant on {dev}")
+        variants = _filter_variants(spec, dev, variants, filt, drop)
         if base_variant is not None and all(v.slug != base_variant.slug for v in variants):
             # Speedups compare with a baseline measured in the same run, so it always runs.
             variants.insert(0, base_variant)
+    check_output_dir(results_dir, "--results")   # before any model is built
 
-    git = git_state()
+    git = git_state(exclude=(results_dir,))
     if commit is not None and git["commit"] == "unknown":
         git = {"commit": commit, "dirty": None, "commit_source": "--commit (tree without git metadata)"}
     elif commit is not None and not git["commit"].startswith(commit) and git.get("dirty"):
@@ -130,8 +128,10 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
         try:
             metrics = _clean_metrics(bench.run(dict(variant.values), dict(measure), dict(hw)))
         except KeyboardInterrupt:
-            raise
+            raise   # Ctrl-C stops the whole run (the CLI exits 130), not just this variant
         except Exception as exc:  # one failing variant must not stop the others
+            if _interrupted(exc):  # Ctrl-C wrapped by library code (e.g. into a RuntimeError)
+                raise KeyboardInterrupt from exc
             msg = f"{type(exc).__name__}: {exc}"
             failures.append((variant, msg))
             tqdm.write(f"[repro] FAILED {spec.name} variant {variant.slug} {variant.values}: {msg}",
@@ -153,6 +153,42 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
         raise RunError(f"{spec.name}: {len(failures)} of {len(variants)} variants failed "
                        f"({len(written)} recorded): {lines}")
     return [p for p, _ in written.values()]
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True if a KeyboardInterrupt is anywhere in ``exc``'s cause/context chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _values_of(variants: list[Variant], key: str) -> list[Any]:
+    return sorted({v.values.get(key) for v in variants}, key=lambda x: (str(type(x)), str(x)))
+
+
+def _filter_variants(spec: Spec, dev: str, variants: list[Variant], filt: dict[str, Any],
+                     drop: dict[str, Any]) -> list[Variant]:
+    """Apply ``--only`` then ``--exclude``; a value that matches no variant of the spec (a typo)
+    is an error listing the values that exist for its key, never silently ignored."""
+    for flag, items in (("--only", filt), ("--exclude", drop)):
+        for key, want in items.items():
+            if not any(v.values.get(key) == want for v in variants):
+                raise SpecError(f"{spec.path}: {flag} {key}={want}: no variant has it on {dev}; "
+                                f"values of {key}: {', '.join(map(str, _values_of(variants, key)))}")
+    kept = [v for v in variants if all(v.values.get(k) == want for k, want in filt.items())]
+    if not kept:
+        parts = "; ".join(f"{k}: {', '.join(map(str, _values_of(variants, k)))}" for k in filt)
+        raise SpecError(f"{spec.path}: --only {' '.join(f'{k}={w}' for k, w in filt.items())}: each value "
+                        f"exists, but no variant on {dev} has them all; values per key: {parts}")
+    kept = [v for v in kept if not any(v.values.get(k) == unwanted for k, unwanted in drop.items())]
+    if not kept:
+        raise SpecError(f"{spec.path}: --only {filt} / --exclude {drop} leave no variant to run on {dev}")
+    return kept
 
 
 def _add_speedups(metric: str, base_slug: str, written: dict[str, tuple[Path, dict[str, Any]]],

@@ -8,8 +8,8 @@ import torch
 
 from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
-from impl.model.attention_backends import (AttentionBackendError, attention_fn, check_backend, fp8_emulated,
-                                           fp8_scales, sdpa, sqnr_db)
+from impl.model.attention_backends import AttentionBackendError, attention_fn, check_backend, fp8_emulated, sdpa, sqnr_db
+from impl.model.fp8_scaling import fp8_scales
 
 
 def _qkv(seed=0, m=32, n=96, d=64):

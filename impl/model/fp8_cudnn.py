@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from impl.model.attention_backends import FP8_MAX, fp8_scales, to_fp8
+from impl.model.fp8_scaling import FP8_MAX, fp8_scales, to_fp8
 
 
 class CudnnFP8Attention:
