@@ -19,13 +19,13 @@ SPECS       ?= experiments/inference_speed.yaml experiments/quality.yaml
 # states the tolerances a fresh run must meet.
 CPU_NUMERICS ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 
-.PHONY: venv reproduce check-reproduce test test-gpu bench report clean
+.PHONY: venv reproduce check-reproduce test test-gpu bench bench-pytest report clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,serve]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -62,7 +62,23 @@ bench: venv
 	$(PY) -m repro run experiments/nvfp4_kernels.yaml --results $(RESULTS)
 	$(PY) -m repro run experiments/quant_linear.yaml --results $(RESULTS)
 	$(PY) -m repro run experiments/inference_speed.yaml --results $(RESULTS)
+	$(MAKE) --no-print-directory bench-pytest
 	$(MAKE) --no-print-directory report
+
+## pytest-benchmark suite (benchmarks/, never part of `make test`): NVFP4 quantize/dequantize, KV
+## cache write+read, attention, one DiT block, one decoder block per decoder, one training step.
+## CPU: tiny sizes; CUDA: 5B shapes too. Writes $(RESULTS)/benchmarks/<hardware-tag>/pytest_benchmark.json
+## and saves the run under .benchmarks/<hardware-tag>/ so a later run can compare against it:
+##   make bench-pytest BENCH_ARGS=--benchmark-compare           (against the last saved run)
+##   make bench-pytest BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"
+BENCH_ARGS  ?=
+bench-pytest: venv
+	@tag=$$($(PY) -c "from repro.hardware import detect_hardware, hardware_tag; print(hardware_tag(detect_hardware()))") && \
+	mkdir -p $(RESULTS)/benchmarks/$$tag && \
+	echo "== pytest-benchmark ($$tag)" && \
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-sort=name \
+		--benchmark-json $(RESULTS)/benchmarks/$$tag/pytest_benchmark.json \
+		--benchmark-autosave --benchmark-storage .benchmarks/$$tag $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks *.egg-info

@@ -38,6 +38,8 @@ ScaleRule = Literal["static_6", "static_4", "mse", "mae", "abs_max"]   # NVFP4 b
 Sampler = Literal["unipc", "euler"]
 SPLayout = Literal["balanced", "naive"]            # teacher-forcing token layout under SP
 TrainAttention = Literal["auto", "dense", "flex"]  # masked attention core of training forwards
+# A prompt switch in a live session: scene cut; continuous with the KV re-cache; text K/V only.
+SwitchMode = Literal["recache", "cut", "direct"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:

@@ -1,11 +1,13 @@
 """Streaming block-autoregressive generation.
 
-For each AR block (``frames_per_block`` latent frames): detect a scene cut (prompt starts with
-the scene-cut prefix) and bump the shot's RoPE offset; take the block's noise; run the sampler
-(each step is one KV-cached forward that overwrites this block's K/V); run one more forward at
-t = 0 on the clean latents so the cache holds clean K/V (re-cache); hand the block to the
-VAE block decoder (impl/vae_decode.py), which appends its frames to the mp4 as they arrive. A
-per-block timing hook reports DiT and VAE time.
+The block loop lives in :class:`impl.session.StreamingSession` (:meth:`StreamingPipeline.session`),
+pulled block by block, with prompt switches between blocks; :meth:`StreamingPipeline.generate` is
+its offline client. For each AR block (``frames_per_block`` latent frames): detect a scene cut
+(prompt starts with the scene-cut prefix) and bump the shot's RoPE offset; take the block's
+noise; run the sampler (each step is one KV-cached forward that overwrites this block's K/V);
+run one more forward at t = 0 on the clean latents so the cache holds clean K/V (re-cache);
+hand the block to the VAE block decoder (impl/vae_decode.py), which appends its frames to the
+mp4 as they arrive. A per-block timing hook reports DiT and VAE time.
 
 The pipeline is built by :func:`impl.inference.build.build_pipeline` from one
 :class:`~impl.inference.config.InferenceConfig`, which it keeps: ``cfg.stream_preset`` gives the
@@ -17,9 +19,6 @@ only when ``vae_queue_depth`` blocks are still decoding).
 
 from __future__ import annotations
 
-import queue
-import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -30,10 +29,11 @@ from impl.inference.config import InferenceConfig
 from impl.model.attention import SequenceParallel, TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
+from impl.modes import SwitchMode, check_choice
 from impl.sampling import make_sampler, official_sigmas
 
-if TYPE_CHECKING:  # imported lazily at run time: it pulls in diffusers
-    from impl.vae_decode import DecodedBlock
+if TYPE_CHECKING:
+    from impl.session import StreamingSession
 
 TextEmbedder = Callable[[str], torch.Tensor]
 
@@ -87,26 +87,6 @@ def shot_prompts(shots: Sequence[tuple[str, int]], scene_cut_prefix: str) -> lis
     return prompts
 
 
-class _Timer:
-    """Elapsed ms between two points: CUDA events on GPU (no sync until read), else perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
-
-
 class StreamingPipeline:
     """Block-AR generation with one DiT, one KV cache and one VAE block decoder.
 
@@ -126,6 +106,7 @@ class StreamingPipeline:
         # Sequence-parallel inference (impl.parallel.sp_inference): every forward goes through
         # the exchange, and this rank's cache holds num_heads / sp heads of every token.
         self.sp = sp
+        self._session = None   # weakref to the open StreamingSession: one at a time (one cache)
 
     # ---- set-up ----
     def cache_for(self, batch: int) -> KVCache:
@@ -159,10 +140,14 @@ class StreamingPipeline:
 
     # ---- the block loop ----
     def _velocity(self, x: torch.Tensor, t: float, ctx: TextContext, pos: torch.Tensor,
-                  cache: KVCache, plan: BlockPlan, cfg_scale: float) -> torch.Tensor:
+                  cache: KVCache, plan: BlockPlan, cfg_scale: float, held: int = 0) -> torch.Tensor:
+        """The (CFG-combined) flow prediction at timestep ``t``; the first ``held`` frames get
+        t = 0 (clean conditioning frames: the image of image-to-video)."""
         b, _, f = x.shape[:3]
         inp = torch.cat([x, x]) if cfg_scale > 1.0 else x
         ts = torch.full((inp.shape[0], f), float(t), device=self.device)
+        if held:
+            ts[:, :held] = 0.0
         out = self.model(inp.to(self.model.dtype), ts, ctx, frame_positions=pos, cache=cache, plan=plan, sp=self.sp)
         if cfg_scale > 1.0:
             cond, uncond = out.float().chunk(2)
@@ -185,13 +170,22 @@ class StreamingPipeline:
         return torch.arange(s.frames_per_block) + block * s.frames_per_block + shot * s.shot_rope_offset
 
     def _denoise_block(self, x: torch.Tensor, ctx: TextContext, pos: torch.Tensor, cache: KVCache,
-                       plan: BlockPlan, cfg_scale: float, exit_step: int | None = None) -> torch.Tensor:
+                       plan: BlockPlan, cfg_scale: float, exit_step: int | None = None,
+                       clean: torch.Tensor | None = None) -> torch.Tensor:
         """Run the sampler over one block, then the clean re-cache pass.
 
         ``exit_step`` (few-step distillation rollouts): stop at that step and return the
         model's x0 prediction there, computed with autograd enabled (the earlier steps and the
-        re-cache pass never track gradients)."""
+        re-cache pass never track gradients).
+        ``clean`` [B, C, k, h, w] (image-to-video): the block's first k latent frames, held clean
+        through every step (t = 0 for them, put back after each sampler step), as Wan2.2 TI2V does."""
         s = self.stream
+        held = 0 if clean is None else clean.shape[2]
+        if held and exit_step is not None:
+            raise ValueError("_denoise_block: clean conditioning frames and exit_step do not combine")
+        if held:
+            clean = clean.to(x.device, x.dtype)
+            x = torch.cat([clean, x[:, :, held:]], dim=2)
         sampler = make_sampler(s.sampler, s.steps, s.shift)
         for i, t in enumerate(sampler.timesteps):
             # Denoising steps only attend: later blocks see the re-cache pass's K/V.
@@ -201,7 +195,9 @@ class StreamingPipeline:
                     x0 = x - float(official_sigmas(s.steps, s.shift)[i]) * v
                 self._velocity(x0.detach(), 0.0, ctx, pos, cache, plan, cfg_scale)
                 return x0
-            x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale), t, x)
+            x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale, held), t, x)
+            if held:
+                x = torch.cat([clean, x[:, :, held:]], dim=2)
         self._velocity(x, 0.0, ctx, pos, cache, plan, cfg_scale)  # re-cache clean K/V
         return x
 
@@ -236,13 +232,26 @@ class StreamingPipeline:
         """RoPE positions of every frame of a video with these block prompts (shots included)."""
         return torch.cat([self._block_positions(b, shot) for b, _, _, shot in self._shots(prompts)])
 
+    def session(self, prompt: str, **options) -> "StreamingSession":
+        """Open a :class:`impl.session.StreamingSession` on this pipeline (one at a time): pull
+        its blocks one by one and switch its prompt between pulls. ``options`` are the
+        session's (seed, noise, max_blocks, image, video, latents, decode, ...)."""
+        from impl.session import StreamingSession
+        return StreamingSession(self, prompt, **options)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, seed: int = 0, noise: torch.Tensor | None = None,
                  negative_prompt: str = "", decode: bool | None = None, video_path: str | Path | None = None,
                  on_block: Callable[[BlockTiming], None] | None = None,
-                 latent_dtype: torch.dtype = torch.float32) -> GenerationResult:
+                 latent_dtype: torch.dtype = torch.float32, shot_switch: SwitchMode = "cut") -> GenerationResult:
         """Generate ``len(prompts)`` blocks, one prompt per block (see :func:`shot_prompts`).
-        ``decode`` (default: whenever the pipeline has a VAE) decodes each block to frames."""
+        ``decode`` (default: whenever the pipeline has a VAE) decodes each block to frames.
+
+        A client of :meth:`session`: a block whose prompt starts with the scene-cut prefix opens
+        a new shot, by a scene cut or, with ``shot_switch`` ``recache`` / ``direct``, by that
+        continuous switch to the prompt without its prefix; any other prompt change is a direct
+        switch (text K/V only, no re-cache)."""
+        check_choice(shot_switch, SwitchMode, "shot_switch")
         s = self.stream
         if decode is None:
             decode = self.vae is not None
@@ -256,60 +265,13 @@ class StreamingPipeline:
         expect_f = num_blocks * s.frames_per_block
         if noise.dim() != 5 or noise.shape[2] != expect_f or noise.shape[1] != self.model.cfg.in_channels:
             raise ValueError(f"noise: expected [B, {self.model.cfg.in_channels}, {expect_f}, h, w], got {tuple(noise.shape)}")
-        batch = noise.shape[0]
-        cfg_scale = s.guidance_scale
-        negative = negative_prompt if cfg_scale > 1.0 else None
-        cache = self.cache_for(batch * (2 if negative is not None else 1))
-        decoding = decode or video_path is not None
-
-        timer = _Timer(self.device)
-        latents: list[torch.Tensor] = []
-        frames: list[torch.Tensor] = []        # appended by the decoder, in block order
-        decoded: queue.SimpleQueue = queue.SimpleQueue()  # (n_frames, vae_ms) per decoded block
-        waiting: list[tuple[int, float, float, float]] = []   # (block, dit_ms, total_ms, loop end) to report
-        timings: list[BlockTiming] = []
-        writer = None
-
-        def on_frames(block: DecodedBlock) -> None:  # the decoder's thread in the async modes
-            frames.append(block.frames)
-            if writer is not None:
-                writer.append(block.frames[0])
-            decoded.put((block.frames.shape[2], block.decode_ms))
-
-        def report() -> None:  # emit timings of blocks that are fully done, in order
-            while waiting and (not decoding or not decoded.empty()):
-                b, dit_ms, total_ms, end_s = waiting.pop(0)
-                n_frames, vae_ms = decoded.get() if decoding else (0, 0.0)
-                timings.append(BlockTiming(b, n_frames, dit_ms, vae_ms, total_ms, end_s))
-                if on_block is not None:
-                    on_block(timings[-1])
-
-        with ExitStack() as stack:
-            decoder = None
-            if video_path is not None:
-                from impl.video_io import Mp4Writer
-                writer = stack.enter_context(Mp4Writer(video_path, fps=self.preset.video.fps))
-            if decoding:
-                from impl.vae_decode import make_block_decoder
-                # Entered after the writer, so it is closed (or aborted) before the writer.
-                decoder = stack.enter_context(make_block_decoder(self.vae, self.cfg, on_frames=on_frames))
-            for b, prompt, shot_start, shot in self._shots(prompts):
-                wall0 = time.perf_counter()
-                t0 = timer.mark()
-                ctx = self._context(cache, prompt, batch, negative)
-                plan = cache.begin_block(b, shot_start=shot_start)
-                pos = self._block_positions(b, shot)
-                x = noise[:, :, b * s.frames_per_block:(b + 1) * s.frames_per_block].to(self.device, latent_dtype)
-                x = self._denoise_block(x, ctx, pos, cache, plan, cfg_scale)
-                t1 = timer.mark()
-                if decoder is not None:
-                    decoder.submit(x)  # sync: decodes now; async: waits only for a queue slot
-                latents.append(x.float().cpu())
-                now = time.perf_counter()
-                waiting.append((b, timer.ms(t0, t1), (now - wall0) * 1e3, now))
-                report()
-            if decoder is not None:
-                decoder.close()  # every frame delivered (and written) before the writer closes
-            report()
-        return GenerationResult(torch.cat(latents, dim=2), torch.cat(frames, dim=2) if frames else None,
-                                timings, Path(video_path) if video_path is not None else None)
+        from impl.session import follow_prompts
+        with self.session(prompts[0], noise=noise, negative_prompt=negative_prompt,
+                          decode=decode or video_path is not None, video_path=video_path, on_block=on_block,
+                          latent_dtype=latent_dtype) as session:
+            blocks = list(follow_prompts(session, prompts, shot_switch))
+        blocks += session.pop_ready()   # the blocks whose decode finished while the session closed
+        frames = [blk.frames for blk in blocks if blk.frames is not None]
+        return GenerationResult(torch.cat([blk.latents for blk in blocks], dim=2),
+                                torch.cat(frames, dim=2) if frames else None,
+                                [blk.timing for blk in blocks], Path(video_path) if video_path is not None else None)

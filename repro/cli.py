@@ -1,4 +1,4 @@
-"""Command line: ``python -m repro {run,report,hardware,specs,generate,profile}``."""
+"""Command line: ``python -m repro {run,report,hardware,specs,generate,profile,serve}``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     run(args)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from repro.serve import run
+
+    return run(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -167,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     from repro.profile import add_arguments as add_profile_arguments
     add_profile_arguments(prof)
     prof.set_defaults(func=cmd_profile)
+
+    serve = sub.add_parser("serve", help="live page on 127.0.0.1: stream frames to a browser, switch prompts as it runs")
+    from repro.serve import add_arguments as add_serve_arguments
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return ap
 
 

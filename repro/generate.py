@@ -4,13 +4,18 @@ Weights: ``--weights DIR`` is a diffusers-format Wan2.2-TI2V-5B folder (transfor
 text_encoder/, tokenizer/); ``--dit`` overrides the DiT with any checkpoint our loader reads
 (diffusers or original Wan/LongLive layout). Without weights every part is randomly
 initialised at the preset's size (useful for smoke tests and timing, not for looking at).
-Every inference knob is a flag of :class:`impl.inference.config.InferenceConfig`.
+Every inference knob is a flag of :class:`impl.inference.config.InferenceConfig`. ``--image``
+makes it image-to-video (the first frame, encoded by the Wan2.2 VAE).
+
+A client of :class:`impl.session.StreamingSession`, like ``StreamingPipeline.generate``. The
+shots, the image and the --out path are checked before any model is built.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 # Torch-free: the CLI builds this parser for every command, and `report` must stay light.
 from impl.inference.config import add_arguments as add_inference_arguments
@@ -22,11 +27,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shot", action="append", required=True, metavar="PROMPT[::BLOCKS]",
                     help="one shot: its prompt and how many AR blocks it lasts (repeat for multi-shot)")
     ap.add_argument("--out", required=True, help="output .mp4 path")
+    ap.add_argument("--image", default=None, metavar="FILE",
+                    help="image-to-video: the first frame (any image Pillow reads, at the preset's video size); "
+                         "encoded with the Wan2.2 VAE, so it needs --decoder wan")
     add_inference_arguments(ap, skip=("sp_size", "kv_comm"), defaults={"dtype": None})
     ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder")
     ap.add_argument("--dit", default=None, help="DiT checkpoint (file or folder) overriding --weights")
     ap.add_argument("--lora", default=None, help="few-step LoRA file (impl.train.lora), merged into the DiT "
                     "before any --precision quantization")
+    ap.add_argument("--lora-skip-base-check", action="store_true",   # = impl.train.lora.SKIP_BASE_CHECK_FLAG
+                    help="merge --lora even if it was trained on other base weights than the ones loaded "
+                         "(its file records a fingerprint of its base; by default a mismatch is an error)")
     ap.add_argument("--decoder-weights", default=None, metavar="FILE",
                     help="weights of a light --decoder: an MG-LightVAE .pth (lightvae_p50 / lightvae_p75) or a "
                          "taew2_2 .pth / .safetensors (tae); nothing is downloaded")
@@ -37,20 +48,63 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
+def block_prompts(shots: list[str], scene_cut_prefix: str) -> list[str]:
+    """Per-block prompts of the ``--shot`` flags; an empty prompt is an error naming the flag."""
+    from impl.pipeline import parse_shot, shot_prompts
+    from impl.session import check_prompt
+    parsed = [parse_shot(s) for s in shots]
+    for text, (prompt, _) in zip(shots, parsed):
+        check_prompt(prompt, scene_cut_prefix, f"--shot {text!r}")
+    return shot_prompts(parsed, scene_cut_prefix)
+
+
+def load_image(path: str, preset: Any) -> Any:
+    """The ``--image`` file as an RGB PIL image of the preset's size (checked, not resized)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"--image {path}: cannot read it as an image ({exc})") from None
+    want = (preset.video.width, preset.video.height)
+    if image.size != want:
+        raise ValueError(f"--image {path}: {image.size[1]}x{image.size[0]} pixels, preset {preset.name!r} needs "
+                         f"{want[1]}x{want[0]} (height x width); resize or crop it first")
+    return image
+
+
 def run(args: argparse.Namespace) -> Path:
+    from repro.records import check_output_file
+
+    # Everything that can fail on the user's input, before a model is built.
+    if not str(args.out).lower().endswith(".mp4"):
+        raise ValueError(f"--out {args.out}: must end in .mp4")
+    out = check_output_file(args.out, "--out")
+    cfg = config_from_args(args, dtype=args.dtype or "fp32")   # validated here; the dtype default comes below
+    prompts = block_prompts(args.shot, cfg.stream_preset.stream.scene_cut_prefix)
+    image = load_image(args.image, cfg.stream_preset) if args.image else None
+    if image is not None and cfg.decoder != "wan":
+        raise ValueError(f"--image: image-to-video encodes with the full Wan2.2 VAE; --decoder {cfg.decoder} only "
+                         "decodes (use --decoder wan)")
+
+    if args.lora_skip_base_check and not args.lora:
+        raise ValueError("--lora-skip-base-check: there is no --lora to merge")
+
     import torch
     from tqdm import tqdm
 
     from impl.inference.build import Weights, build_pipeline
-    from impl.pipeline import parse_shot, shot_prompts
+    from impl.session import follow_prompts
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = config_from_args(args, dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    prompts = shot_prompts([parse_shot(s) for s in args.shot], cfg.stream_preset.stream.scene_cut_prefix)
-    weights = Weights(root=args.weights, dit=args.dit, lora=args.lora, decoder=args.decoder_weights,
+    cfg = cfg.replace(dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    weights = Weights(root=args.weights, dit=args.dit, lora=args.lora, lora_check_base=not args.lora_skip_base_check,
+                      decoder=args.decoder_weights,
                       decoder_latents=args.decoder_latents, seed=args.seed)
     pipe = build_pipeline(cfg, device, weights)
-    with tqdm(total=len(prompts), desc="blocks", unit="block") as bar:
-        result = pipe.generate(prompts, seed=args.seed, video_path=args.out,
-                               on_block=lambda t: (bar.update(1), bar.set_postfix(dit_ms=f"{t.dit_ms:.0f}")))
-    return result.video_path
+    with tqdm(total=len(prompts), desc="blocks", unit="block") as bar, \
+            pipe.session(prompts[0], seed=args.seed, max_blocks=len(prompts), image=image, video_path=out) as session:
+        for block in follow_prompts(session, prompts):
+            bar.update(1)
+            bar.set_postfix(dit_ms=f"{block.timing.dit_ms:.0f}")
+    return out

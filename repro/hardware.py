@@ -23,6 +23,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+CPU_NUMERICS_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def detect_hardware(device: str | None = None) -> dict[str, Any]:
     """Describe the current machine. ``device`` forces "cpu" or "cuda" (cuda must exist)."""
     cuda_ok = torch.cuda.is_available()
@@ -44,6 +47,10 @@ def detect_hardware(device: str | None = None) -> dict[str, Any]:
         "platform": f"{sys.platform}-{platform.machine()}",
         "cpu_name": _cpu_name(),
         "cpu_count": os.cpu_count() or 1,
+        "torch_threads": torch.get_num_threads(),
+        # The environment that pins CPU kernels and thread counts (the Makefile's CPU_NUMERICS):
+        # CPU records made with and without it take different code paths.
+        "cpu_numerics": {k: os.environ[k] for k in CPU_NUMERICS_VARS if k in os.environ},
     }
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability(0)

@@ -96,7 +96,9 @@ def output_file_problem(path: str | Path) -> str | None:
     p = Path(path)
     if p.is_dir():
         return f"{p} is a folder, not a file"
-    return output_dir_problem(p.parent if str(p.parent) else ".")
+    if p.parent.exists() and not p.parent.is_dir():
+        return f"cannot create {p}: {p.parent} is a file, not a folder"
+    return output_dir_problem(p.parent)
 
 
 def check_output_dir(path: str | Path, flag: str) -> Path:
@@ -167,8 +169,9 @@ def is_record(data: Any) -> bool:
             and isinstance(data.get("metrics"), dict))
 
 
-# Folders under results/ that hold other JSON: `repro profile` summaries and raw kernel logs.
-NON_RECORD_DIRS = {"profiles", "raw"}
+# Folders under results/ that hold other JSON: `repro profile` summaries, raw kernel logs and
+# the pytest-benchmark suite's output (`make bench-pytest`).
+NON_RECORD_DIRS = {"profiles", "raw", "benchmarks"}
 
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ QUALITY_TOLERANCES: list[tuple[str, float, float]] = [
     ("q_ssim", 0.02, 0.0),
     ("q_adh", 0.03, 0.0),            # adherence in [0, 1]
     ("q_cut_adherence", 0.03, 0.0),
+    ("q_switch_adherence", 0.03, 0.0),
+    ("q_switch_continuity", 1.0, 0.0),   # dB
     ("q_drift", 0.03, 0.0),
     ("q_shot_consistency", 0.03, 0.0),
     ("q_flicker", 0.01, 0.0),
@@ -86,6 +88,10 @@ def compare(fresh_dir: str | Path, committed_dir: str | Path, *, hardware: str =
         if got is None:
             problems.append(f"{key[0]}/{key[1]}: no fresh record")
             continue
+        pinned = [ref["hardware"].get("cpu_numerics"), got["hardware"].get("cpu_numerics")]
+        if pinned[0] != pinned[1]:   # other CPU kernels: the quality metrics need not agree
+            problems.append(f"{key[0]}/{key[1]}: CPU numerics settings differ (fresh {pinned[1]} vs committed "
+                            f"{pinned[0]}); run it through `make check-reproduce`")
         for name, value in sorted(ref["metrics"].items()):
             if name == "speedup_vs_baseline":
                 continue

@@ -83,3 +83,62 @@ def test_mismatches_name_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match="unsupported"):
         (tmp_path / "w.ckpt").write_text("x")
         load_dit_weights(model, tmp_path / "w.ckpt")
+
+
+def _one_line(err, path):
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_truncated_files_name_the_file_in_one_line(tmp_path):
+    src = fresh(0)
+    pt = tmp_path / "model.pt"
+    torch.save({"generator": diffusers_to_original(src.state_dict())}, pt)
+    st = save_dit_weights(src, tmp_path / "dit.safetensors")
+    for path, pattern in ((pt, "cannot read as a PyTorch checkpoint"), (st, "cannot read as safetensors")):
+        data = path.read_bytes()
+        cut = path.with_name("cut" + path.suffix)
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match=pattern) as err:
+            load_dit_weights(fresh(1), cut)
+        _one_line(err, cut)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a checkpoint" * 4)
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a torch.save file") as err:
+        load_dit_weights(fresh(1), junk)
+    _one_line(err, junk)
+
+
+def test_foreign_checkpoints_name_the_file_and_what_was_expected(tmp_path):
+    vae = tmp_path / "vae.pt"
+    torch.save({"state_dict": {"decoder.conv_in.weight": torch.zeros(3, 3), "encoder.conv_in.bias": torch.zeros(3)}}, vae)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this DiT.*blocks.0.attn1.to_q.weight.*decoder.conv_in") as err:
+        load_dit_weights(fresh(0), vae)
+    _one_line(err, vae)
+    other = tmp_path / "notdict.pt"
+    torch.save([torch.zeros(2)], other)
+    with pytest.raises(CheckpointError, match="not a state dict of tensors.*expected a Wan2.2-TI2V DiT state dict") as err:
+        load_dit_weights(fresh(0), other)
+    _one_line(err, other)
+    shallow = tmp_path / "shallow.safetensors"
+    sd = {k: v for k, v in fresh(0).state_dict().items() if not k.startswith("blocks.1.")}
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(shallow))
+    with pytest.raises(CheckpointError, match="missing keys: blocks.1.") as err:
+        load_dit_weights(fresh(0), shallow)
+    _one_line(err, shallow)
+    te = tmp_path / "model_te.pt"
+    torch.save({"generator": diffusers_to_original(fresh(0).state_dict()), "checkpoint_format": "longlive_generator_te_nvfp4"}, te)
+    with pytest.raises(CheckpointError, match="Transformer Engine module state dict") as err:
+        load_dit_weights(fresh(0), te)
+    _one_line(err, te)
+
+
+def test_lora_files_given_as_dit_checkpoints_point_to_lora(tmp_path):
+    from impl.train.lora import LoraSpec, add_lora, save_lora
+    model = add_lora(fresh(0), LoraSpec(rank=4, alpha=4))
+    path = save_lora(tmp_path / "lora.safetensors", model, steps=1, base_hash="x")
+    with pytest.raises(CheckpointError, match="LoRA tensors.*--lora") as err:
+        load_dit_weights(fresh(0), path)
+    _one_line(err, path)

@@ -138,8 +138,9 @@ def test_wrong_base_hash(cfg, tmp_path):
     model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=RANK))
     path = save_lora(tmp_path / "l.safetensors", model, steps=1, base_hash=base_fingerprint(model))
     other = make_model(cfg, seed=5)
-    with pytest.raises(LoraError, match="base model hash mismatch"):
+    with pytest.raises(LoraError, match="base model hash mismatch.*--lora-skip-base-check") as err:
         load_lora(other, path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert not any("lora_" in n for n in other.state_dict())  # nothing injected on failure
     load_lora(other, path, check_base=False)
     assert lora_state_dict(other)
@@ -183,3 +184,17 @@ def test_fingerprint_is_the_same_across_float_dtypes():
     with torch.no_grad():
         next(m16.parameters()).add_(1.0)
     assert base_fingerprint(m32) != base_fingerprint(m16)
+
+
+def test_sampling_steps_of_a_lora_file(cfg, tmp_path):
+    from impl.train.lora import lora_sampling_steps, sampling_steps_warning
+    model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=RANK))
+    two = save_lora(tmp_path / "s2.safetensors", model, steps=1, base_hash="x", extra={"sampling_steps": 2})
+    unknown = save_lora(tmp_path / "plain.safetensors", model, steps=1, base_hash="x")
+    assert lora_sampling_steps(two) == 2
+    assert lora_sampling_steps(unknown) is None
+    msg = sampling_steps_warning(two, 4)
+    assert msg.startswith(f"--lora {two}:") and "distilled for 2 sampling steps" in msg and "runs 4" in msg
+    assert sampling_steps_warning(two, 2) is None and sampling_steps_warning(unknown, 4) is None
+    with pytest.raises(FileNotFoundError):
+        lora_sampling_steps(tmp_path / "nope.safetensors")

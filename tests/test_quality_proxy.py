@@ -120,6 +120,19 @@ def test_correct_prompt_scores_higher_than_a_wrong_one(detector):
         score_videos([v[:-1] for v in right.real], right, model, real)
 
 
+def test_switch_metrics_tell_a_hard_cut_from_a_continuous_video(detector):
+    model, _ = detector
+    src = ProceduralVideoSource(4, 2, 64, 64, length=4, seed=12, shots_per_clip=2)
+    es = make_eval_set(src)
+    assert any(len(set(s)) > 1 for s in es.shot)
+    real = real_block_features(es.real, block_frame_ranges(es.num_blocks, es.frames_per_block, es.temporal_factor),
+                               model)
+    truth, _ = score_videos(es.real, es, model, real)                    # procedural shots: hard cuts
+    static, _ = score_videos([v[:1].expand_as(v).clone() for v in es.real], es, model, real)
+    assert static["q_switch_continuity"] == 100.0 > truth["q_switch_continuity"]
+    assert 0.0 <= truth["q_switch_adherence"] <= 1.0 and truth["q_switch_adherence"] == truth["q_switch_adherence"]
+
+
 TINY = dict(vae_steps=2, vae_batch=1, detector_steps=4, detector_clips=8, train_clips=2, clip_blocks=2,
             ar_steps=2, ar_batch=1, distill_iters=1, lora_rank=2, videos=1, eval_blocks=2, eval_shots=1,
             real_videos=2, reference_steps=4)

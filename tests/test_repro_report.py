@@ -56,15 +56,17 @@ def test_report_without_registered_benchmark(tmp_path):
     with pytest.warns(UserWarning, match="not_importable_bench"):
         build_report(tmp_path)
     md = (tmp_path / "tables" / "inference_speed.md").read_text()
-    assert "| NVIDIA H100 80GB HBM3 | bf16 | 2 | 45.7 | 91.4 | 01234567-dirty |" in md
-    assert "| NVIDIA H100 80GB HBM3 | bf16 | 4 | 24.8 | 49.6 | 01234567-dirty |" in md
+    assert "| NVIDIA H100 80GB HBM3 | bf16 | 2 | 45.7 | 91.4 | 0123456-dirty |" in md
+    assert "| NVIDIA H100 80GB HBM3 | bf16 | 4 | 24.8 | 49.6 | 0123456-dirty |" in md
     assert (tmp_path / "plots" / "inference_speed.png").exists()
 
 
 def test_report_empty_results(tmp_path):
-    paths = build_report(tmp_path)
-    assert [p.name for p in paths] == ["README.md"]
-    assert "no records yet" in paths[0].read_text()
+    from repro.errors import HarnessError
+
+    with pytest.raises(HarnessError, match="no result records"):
+        build_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []   # no empty tables
 
 
 def test_fmt_num():
@@ -72,25 +74,65 @@ def test_fmt_num():
         ["754", "1230", "0.0123", "1.00", "12.3", "", "3"]
 
 
+def _speed(res, experiment, commit, created, precision, steps, dit, e2e, gpu="NVIDIA H200", **variant):
+    hw = {"device": "cuda", "gpu_name": gpu, "gpu_count": 1}
+    v = {"preset": "wan22_ti2v_5b", "precision": precision, "steps": steps, "compile": True, **variant}
+    slug = "__".join(f"{k}-{v[k]}" for k in sorted(v))
+    rec = make_record(experiment=experiment, benchmark="inference_speed", variant=v, slug=slug, hardware=hw,
+                      metrics={"dit_fps": dit, "e2e_fps": e2e}, measure={}, spec="x",
+                      git={"commit": commit, "dirty": False})
+    rec["created"] = created
+    write_record(rec, res)
+
+
 def test_paper_tables(tmp_path, capsys):
     out = tmp_path / "paper.md"
-    assert paper_tables.main(["--results", str(tmp_path / "none"), "--out", str(out)]) == 0
+    # No records: say so, exit non-zero, write nothing.
+    assert paper_tables.main(["--results", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "no such folder" in capsys.readouterr().err and not out.exists()
+
+    res = tmp_path / "res"
+    old, new = "1111111aaaa", "2222222bbbb"
+    # realtime, H200: an older run and the newest run (which is the one to show)
+    _speed(res, "realtime", old, "2026-01-01T00:00:00", "fp8", 2, 60.0, 55.0, decoder="tae", vae_mode="stream",
+           cuda_graphs=True)
+    _speed(res, "realtime", new, "2026-02-01T00:00:00", "fp8", 2, 48.8, 42.3, decoder="tae", vae_mode="stream")
+    _speed(res, "realtime", new, "2026-02-01T00:00:01", "fp8", 2, 51.2, 12.8, decoder="wan", vae_mode="sync")
+    _speed(res, "realtime", new, "2026-02-01T00:00:02", "bf16", 4, 26.4, 24.4, decoder="tae", vae_mode="stream")
+    _speed(res, "realtime", new, "2026-02-01T00:00:03", "bf16", 4, 27.2, 10.7, decoder="wan", vae_mode="sync",
+           attention="fp8_triton")   # differs in attention too: not a like-for-like pair
+    # inference_speed, H100: the only NVFP4 record
+    _speed(res, "inference_speed", "3333333cccc", "2026-01-05T00:00:00", "nvfp4_weight_only", 4, 16.3, 8.1,
+           gpu="NVIDIA H100 80GB HBM3", compile=False)
+    assert paper_tables.main(["--results", str(res), "--out", str(out)]) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
-    for num in ("24.8 FPS", "29.7 FPS", "45.7 FPS", "up to 1.84x", "up to 2.15x", "20.7 FPS", "85.06", "84.51", "83.14"):
+    # the measurement method as far as the sources state it
+    assert "names no GPU, no VAE and no timing method" in text and "GB200" in text
+    for num in ("24.8 FPS", "29.7 FPS", "45.7 FPS", "1.84x", "up to 2.15x", "20.7 FPS", "85.06", "84.51", "83.14"):
         assert num in text, num
-    assert "not measured yet" in text and "| H100 |" in text
-    assert len(PAPER_NUMBERS) == 9
+    rows = text.splitlines()
 
-    # A matching record shows up with its hardware and commit; the best (max) one is chosen.
-    res = tmp_path / "res"
-    hw = {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3", "gpu_count": 1}
-    for slug, fps in (("a", 20.0), ("b", 26.5)):
-        write_record(make_record(experiment="inference_speed", benchmark="inference_speed",
-                                 variant={"preset": "wan22_ti2v_5b", "precision": "bf16", "steps": 4,
-                                          "vae_mode": slug}, slug=slug, hardware=hw,
-                                 metrics={"e2e_fps": fps}, measure={}, spec="x",
-                                 git={"commit": "feedbeef00", "dirty": False}), res)
-    paper_tables.main(["--results", str(res), "--out", str(out)])
-    row = next(line for line in out.read_text().splitlines() if "BF16 inference FPS" in line)
-    assert "26.5 FPS on NVIDIA H100 80GB HBM3" in row and "feedbeef" in row and "24.8 FPS" in row
+    def row(*parts):
+        hits = [line for line in rows if all(p in line for p in parts)]
+        assert len(hits) == 1, (parts, hits)
+        return [c.strip() for c in hits[0].strip("|").split("|")]
+
+    # DiT-only and end-to-end side by side, from one record: newest run, named GPU, 7-char commit
+    fastest = row("our fastest 2-step end to end")
+    assert fastest[4:8] == ["48.8", "42.3", "NVIDIA H200", "2222222"] and fastest[8] == "realtime"
+    today = row("(today's path:")
+    assert today[4:8] == ["51.2", "12.8", "NVIDIA H200", "2222222"]
+    nvfp4 = row("NVFP4 weight-only 4-step")
+    assert nvfp4[4:7] == ["16.3", "8.10", "NVIDIA H100 80GB HBM3"]
+    # the ratio compares 2-step with BF16 4-step at equal other settings, DiT-only and end to end
+    best = row("our best 2-step path end to end vs BF16 4-step")
+    assert best[2:4] == [f"{48.8 / 26.4:.2f}x", f"{42.3 / 24.4:.2f}x"]
+    assert "Hopper has no FP4 tensor cores" in best[6] and "both from one run (commit 2222222)" in best[6]
+    assert not any("full Wan decoder in the loop (today's path)" in line for line in rows)   # no equal pair
+    # the release's user-reported figures, with their source
+    for u in ("| H100 | BF16 | 18.6 | 14.1 |", "| H100 | FP8 W8A8 + compile | 15.5 | 12.3 |",
+              "| B200 | NVFP4 4-step | 20.4 | 16.4 |", "| B200 | NVFP4 2-step | 33.8 | 24.1 |"):
+        assert u in text, u
+    assert "issue #103" in text
+    assert len(PAPER_NUMBERS) == 9

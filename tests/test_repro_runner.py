@@ -34,7 +34,7 @@ def test_only_filter_and_bad_only(tmp_path):
     assert len(paths) == 1 and "k-32" in paths[0].name
     with pytest.raises(SpecError, match="--only nope: unknown variant key"):
         run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"nope": "1"}, progress=False)
-    with pytest.raises(SpecError, match="match no variant"):
+    with pytest.raises(SpecError, match="k=99: no variant has it on cpu; values of k: 16, 32"):
         run_spec(spec, results_dir=tmp_path / "r", device="cpu", only={"k": "99"}, progress=False)
     kept = run_spec(spec, results_dir=tmp_path / "x", device="cpu", exclude={"k": "32"}, progress=False)
     assert kept and not any("k-32" in p.name for p in kept)
@@ -118,11 +118,11 @@ def test_cli_exit_codes(tmp_path, capsys):
 def test_commit_flag_overrides_stale_dirty_git_metadata(tmp_path, monkeypatch):
     import repro.runner as runner
     spec = write_spec(tmp_path / "s.yaml")
-    monkeypatch.setattr(runner, "git_state", lambda: {"commit": "a" * 40, "dirty": True})
+    monkeypatch.setattr(runner, "git_state", lambda exclude=(): {"commit": "a" * 40, "dirty": True})
     run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, commit="b" * 7)
     (rec,) = load_records(tmp_path / "r")
     assert rec["commit"] == "b" * 7 and "stale" in rec["commit_source"]
-    monkeypatch.setattr(runner, "git_state", lambda: {"commit": "a" * 40, "dirty": False})
+    monkeypatch.setattr(runner, "git_state", lambda exclude=(): {"commit": "a" * 40, "dirty": False})
     run_spec(spec, results_dir=tmp_path / "r2", device="cpu", progress=False, commit="b" * 7)
     (rec,) = load_records(tmp_path / "r2")
     assert rec["commit"] == "a" * 40      # a clean checkout's own HEAD wins

@@ -37,3 +37,15 @@ def test_compare_reports_missing_and_out_of_tolerance(tmp_path, capsys):
     _write(fresh, "b", {"q_psnr_vs_ref": 30.4})
     assert main(["--fresh", str(fresh), "--committed", str(committed)]) == 0
     assert "OK" in capsys.readouterr().err
+
+
+def test_records_made_with_other_cpu_numerics_are_named(tmp_path):
+    fresh, committed = tmp_path / "fresh", tmp_path / "committed"
+    _write(committed, "a", {"q_adherence": 0.5})
+    rec = committed / "quality" / "cpu" / "a.json"
+    data = json.loads(rec.read_text())
+    data["hardware"] = {**HW, "cpu_numerics": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    rec.write_text(json.dumps(data))
+    _write(fresh, "a", {"q_adherence": 0.5})
+    (problem,) = compare(fresh, committed)
+    assert "CPU numerics settings differ" in problem and "avx2" in problem

@@ -31,15 +31,19 @@ def test_summary_of_a_constructed_log():
 def test_both_layouts_train_the_same_model_through_torchrun(data):
     """Two gloo ranks per layout, float32: the layouts distribute (and, for raw video, encode)
     the same clip differently, so the losses agree; the per-step log and the summary reach
-    the metrics."""
+    the metrics. On latents the balanced run is also sharded (``--sharding fsdp``), so the
+    sharded torchrun path is held to the replicated naive one."""
     from repro.spec import load_spec
     spec = load_spec(SPEC / "sp_training.yaml")
     assert {v.values["sp_layout"] for v in spec.expand("cpu")} == {"balanced", "naive"}
+    assert {v.values["sharding"] for v in spec.expand("cpu")} == {"none", "fsdp"}
+    assert {(v.values["num_layers"], v.values["sharding"]) for v in spec.expand("cuda")} == {(6, "none"), (0, "fsdp")}
     measure = {**SP_TRAINING.measure_defaults(), "warmup_steps": 1, "steps": 2, "timeout_s": 300.0}
     runs = {}
     for layout in ("balanced", "naive"):
+        sharding = "fsdp" if data == "latents" and layout == "balanced" else "none"
         variant = {**SP_TRAINING.defaults(), "sp_size": 2, "sp_layout": layout, "frames": 8, "dtype": "fp32",
-                   "data": data}
+                   "data": data, "sharding": sharding}
         runs[layout] = run_sp_training(variant, measure, {"device": "cpu"})
     for m in runs.values():
         assert m["ranks"] == 2 and m["timed_steps"] == 2 and m["tokens_per_s"] > 0 and m["step_ms_p50"] > 0
@@ -53,8 +57,13 @@ def test_launch_command_and_variant_errors(tmp_path):
     cmd = launch_command(variant, {**SP_TRAINING.measure_defaults(), "warmup_steps": 2, "steps": 5}, tmp_path)
     joined = " ".join(cmd)
     for part in ("--nproc-per-node 4", "-m impl.train", "--sp-layout naive", "--frames 96", "--precision fp8",
-                 "--steps 7", "--num-layers 6", "--no-gradient-checkpointing", "--data synthetic-latents"):
+                 "--steps 7", "--num-layers 6", "--no-gradient-checkpointing", "--data synthetic-latents",
+                 "--sharding none"):
         assert part in joined
+    assert "--offload" not in joined
+    sharded = " ".join(launch_command({**variant, "sharding": "fsdp", "offload": True}, SP_TRAINING.measure_defaults(),
+                                      tmp_path))
+    assert "--sharding fsdp" in sharded and "--offload" in sharded
     measure = SP_TRAINING.measure_defaults()
     with pytest.raises(ValueError, match="multiple of sp_size"):
         run_sp_training({**variant, "frames": 48}, measure, {"device": "cpu"})
@@ -63,6 +72,8 @@ def test_launch_command_and_variant_errors(tmp_path):
     assert "--dtype bf16 --precision fp8" in joined
     with pytest.raises(ValueError, match=r"TrainConfig\.precision: 'fp8' .* got dtype 'fp32'"):   # before launching
         run_sp_training({**variant, "dtype": "fp32"}, measure, {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"TrainConfig\.offload: .*needs sharding 'fsdp'"):
+        run_sp_training({**variant, "offload": True}, measure, {"device": "cpu"})
 
 
 @pytest.mark.gpu

@@ -85,3 +85,28 @@ def test_video_clips_through_sp_encoding_match_one_process():
     for kind in ("balanced", "naive"):
         for losses in run_distributed(_video_loss, 2, 2, kind):
             assert losses == pytest.approx(ref, rel=1e-10)
+
+
+def test_cli_sharding_flags_train_sharded_checkpoints_and_resume(tmp_path, capsys):
+    cfg = build_config(parse_args(["--sharding", "fsdp", "--offload", "--data", "synthetic-latents",
+                                   "--out", str(tmp_path)]))
+    assert (cfg.sharding, cfg.offload) == ("fsdp", True)
+    assert build_config(parse_args(["--data", "x", "--out", str(tmp_path)])).sharding == "none"
+    assert main([*ARGS, "--offload", "--out", str(tmp_path / "bad")]) == 2       # offload needs fsdp
+    assert "TrainConfig.offload" in capsys.readouterr().err
+    assert main([*ARGS, "--sharding", "zero3", "--out", str(tmp_path / "bad")]) == 2
+    assert "TrainConfig.sharding: must be one of ['none', 'fsdp']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one of none, fsdp (default: none)" in text and "--offload" in text
+
+    # One process: a world-of-one group for FSDP, sharded (DCP) checkpoints, resume.
+    out = tmp_path / "run"
+    assert main([*ARGS, "--sharding", "fsdp", "--steps", "2", "--checkpoint-every", "1", "--out", str(out)]) == 0
+    meta = json.loads((out / "checkpoint_000002" / "trainer.json").read_text())
+    assert meta["format"] == "dcp" and meta["config"]["sharding"] == "fsdp"
+    assert (out / "checkpoint_000002" / "dcp" / ".metadata").is_file()
+    assert main([*ARGS, "--sharding", "fsdp", "--steps", "3", "--out", str(out)]) == 0
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not torch.distributed.is_initialized()      # the CLI tears its group down

@@ -326,3 +326,101 @@ def test_cuda_stream_mode_owns_its_input():
             junk = torch.full((1, 8, BLOCK, 4, 4), float("nan"), device="cuda")  # may reuse freed memory
             del junk
     assert torch.equal(torch.cat([b.frames for b in got], dim=2), ref)
+
+
+# ---- failures that are not decode failures (issue 19) ----
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_in_on_frames_reaches_the_caller_unwrapped(fake, exc_type):
+    def on_frames(block):
+        if block.index == 1:
+            raise exc_type()
+
+    with pytest.raises(exc_type):
+        with _make(build_vae(get_preset("tiny").vae), "device", on_frames=on_frames) as dec:
+            for i in range(4):
+                dec.submit(_block(i))
+    # A second use after the interrupt is a decode error, not a second KeyboardInterrupt.
+    with pytest.raises((VAEDecodeError, RuntimeError)):
+        dec.submit(_block(0))
+
+
+def test_ctrl_c_during_a_sync_decode_is_not_a_decode_failure(fake, monkeypatch):
+    def interrupted(self, latents, normalized=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FakeDecoder, "decode_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with _make(build_vae(get_preset("tiny").vae), "sync", on_frames=lambda b: None) as dec:
+            dec.submit(_block(0))
+
+
+def test_video_write_error_in_on_frames_passes_through(fake):
+    from impl.video_io import VideoWriteError
+
+    def on_frames(block):
+        raise VideoWriteError("writing mp4 out.mp4 failed after 0 frames: OSError: [Errno 32] Broken pipe")
+
+    for mode in ("sync", "device"):
+        with pytest.raises(VideoWriteError, match="out.mp4") as err:
+            with _make(build_vae(get_preset("tiny").vae), mode, on_frames=on_frames) as dec:
+                for i in range(3):
+                    dec.submit(_block(i))
+        assert not isinstance(err.value, VAEDecodeError)
+
+
+@pytest.mark.parametrize("where", ["drain", "submit"])
+def test_a_waiting_caller_sees_ctrl_c_promptly(fake, where):
+    """The caller's waits poll: a SIGINT flag set while it waits (here by _thread.interrupt_main,
+    which does not wake a blocking wait the way a real signal may) is seen within ~_POLL_S."""
+    import _thread
+
+    fake.gate = threading.Event()   # the worker is stuck in a decode until released
+    release = threading.Timer(10.0, fake.gate.set)   # never hang the suite
+    release.start()
+    dec = _make(build_vae(get_preset("tiny").vae), "device", queue_depth=1, on_frames=lambda b: None)
+    try:
+        dec.submit(_block(0))
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            if where == "drain":
+                dec.drain()
+            else:
+                dec.submit(_block(1))   # waits for the only queue slot
+                dec.submit(_block(2))
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        fake.gate.set()
+        release.cancel()
+        dec.abort()
+
+
+def test_pipeline_broken_ffmpeg_pipe_is_an_mp4_write_error(parts, tmp_path, monkeypatch):
+    """ffmpeg's pipe breaks while the pipeline writes: the error names the mp4, it is not a
+    VAE decode failure, and neither the mp4 nor its temp file is left behind."""
+    import impl.video_io as vio
+    from impl.video_io import VideoWriteError
+
+    class BrokenWriter:   # what imageio's ffmpeg writer does once ffmpeg has died
+        def __init__(self, path):
+            self.path = path
+            open(path, "wb").close()
+
+        def append_data(self, frame):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def close(self):
+            pass
+
+    class FakeImageio:
+        @staticmethod
+        def get_writer(path, **kwargs):
+            return BrokenWriter(path)
+
+    monkeypatch.setattr(vio, "_require_ffmpeg", lambda: FakeImageio)
+    out = tmp_path / "video.mp4"
+    with pytest.raises(VideoWriteError, match=r"writing mp4 .*video\.mp4 failed after 0 frames.*Broken pipe") as err:
+        _pipe(parts).generate(["a cat"] * 2, video_path=out)
+    assert not isinstance(err.value, VAEDecodeError)
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -85,3 +85,60 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_video(tmp_path / "none.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def _ffmpeg_children() -> list[int]:
+    """Process ids of this process's ffmpeg children (from /proc)."""
+    import os
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == os.getpid() and "ffmpeg" in comm:
+            pids.append(int(d))
+    return pids
+
+
+def test_broken_ffmpeg_pipe_is_a_write_error_naming_the_file(tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    from impl.video_io import VideoWriteError
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("finds the ffmpeg child through /proc")
+    path = tmp_path / "broken.mp4"
+    with pytest.raises(VideoWriteError, match=r"writing mp4 .*broken\.mp4 failed") as err:
+        with Mp4Writer(path, fps=24) as w:
+            w.append(_smooth_frames(2))
+            kids = _ffmpeg_children()
+            assert kids, "ffmpeg was not started"
+            for pid in kids:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+            for _ in range(50):
+                w.append(_smooth_frames(8))
+    assert "\n" not in str(err.value)   # one line, not imageio's ffmpeg dump
+    assert isinstance(err.value.__cause__, OSError)
+    assert list(tmp_path.iterdir()) == []   # no mp4 and no temp file
+
+
+def test_unwritable_output_is_a_write_error(tmp_path):
+    from impl.video_io import VideoWriteError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(VideoWriteError, match="cannot write mp4 .*file/x.mp4"):
+        with Mp4Writer(blocker / "x.mp4") as w:
+            w.append(_smooth_frames(2))
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(VideoWriteError, match="is a folder"):
+        with Mp4Writer(tmp_path / "d.mp4") as w:
+            w.append(_smooth_frames(2))

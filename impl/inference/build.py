@@ -14,6 +14,7 @@ else constructs a :class:`StreamingPipeline`.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,14 @@ def build_dit(cfg: InferenceConfig, device: torch.device | str, weights: Weights
     source = weights.dit if weights.dit is not None else weights.root
     if source is not None:
         from impl.model.checkpoint import load_dit_weights
-        load_dit_weights(model, source)
+        # The precision lets a pre-quantized release file (model_4o6.pt) load its NVFP4 codes as
+        # they are, and refuses a precision that would run them under the wrong label.
+        load_dit_weights(model, source, precision=cfg.precision)
     if weights.lora is not None:
+        from impl.train.lora import sampling_steps_warning
+        warning = sampling_steps_warning(weights.lora, preset.stream.steps)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
         _merge_lora(model, weights.lora, check_base=weights.lora_check_base)
     if cfg.precision != "bf16":
         quantize_model(model, QuantConfig.for_inference(cfg.precision))

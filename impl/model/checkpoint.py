@@ -5,6 +5,15 @@ Wan2.2-TI2V-5B folder (``transformer/diffusion_pytorch_model*.safetensors``) loa
 Original Wan / LongLive state dicts (``self_attn.q``, ``head.head``, ``modulation``, wrapped
 in ``{"generator": ...}`` with ``model.`` / FSDP / compile prefixes) are converted by
 :func:`original_to_diffusers`.
+
+The release's exports load through the same :func:`load_dit_weights` (code study sections 5.8,
+9.2), told apart by their top-level ``checkpoint_format``: the merged generators
+(``longlive_generator_merged_lora`` / ``longlive_generator_merged_bf16``) are plain DiT weights;
+the pre-quantized NVFP4 generator (``longlive_generator_nvfp4``, ``model_4o6.pt``) puts NVFP4
+layers holding its codes bit for bit in place of the block linears
+(:mod:`impl.quant.release_nvfp4`); Transformer Engine module state dicts are refused. Every
+error names the file and what was expected, in one line (truncated, foreign, LoRA files given
+as a DiT, mismatched keys or shapes).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import json
 import os
 import re
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -47,6 +58,7 @@ _TOP_RULES = [
 # Wrappers the official trainers add: WanDiffusionWrapper.model, FSDP, torch.compile.
 _PREFIXES = ("model.", "_fsdp_wrapped_module.", "_orig_mod.", "module.")
 _ORIGINAL_MARKERS = ("self_attn.", "cross_attn.", "head.head.", "time_projection.", "text_embedding.")
+_LORA_TENSOR = re.compile(r"\.lora_(A|B|magnitude_vector)\.")
 
 
 def _strip_prefixes(key: str) -> str:
@@ -99,11 +111,74 @@ def is_original_layout(sd: Mapping[str, torch.Tensor]) -> bool:
     return any(marker in _strip_prefixes(k) for k in sd for marker in _ORIGINAL_MARKERS)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a DiT state dict from a .safetensors / .pt / .pth file or a diffusers folder.
+# Top-level ``checkpoint_format`` values of the release's exports (code study sections 5.8, 9.2).
+MERGED_FORMATS = ("longlive_generator_merged_lora", "longlive_generator_merged_bf16")
+NVFP4_FORMAT = "longlive_generator_nvfp4"
+REJECTED_FORMATS = {
+    "longlive_generator_te_nvfp4": "a Transformer Engine module state dict (TE's own quantized parameters, which "
+                                   "the release rejects too); use the merged BF16 export (save_merged_nvfp4_generator.py "
+                                   "--backend transformer_engine) or the FourOverSix NVFP4 one (--backend fouroversix)",
+}
+_NESTED = ("generator", "model", "state_dict")
+_EXPECTED = ("expected a Wan2.2-TI2V DiT state dict: a diffusers transformer folder or .safetensors, or a "
+             ".pt/.pth of tensors (optionally under 'generator' / 'model' / 'state_dict', original Wan / LongLive "
+             "names allowed)")
 
-    Folders may be a diffusers pipeline root (``transformer/`` inside) or the transformer
-    folder itself, with one or several (index-listed) safetensors shards.
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint file says about itself besides its tensors."""
+
+    path: str | None = None
+    format: str | None = None          # top-level ``checkpoint_format`` (release exports), else None
+    version: int | None = None         # top-level ``checkpoint_version``
+    meta: Mapping[str, object] = field(default_factory=dict)   # other non-tensor top-level entries
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:   # torch.load(weights_only=True): the reason, not the advice
+        tail = msg.split("WeightsUnpickler error:", 1)[1]
+        reason = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
+        return f"torch.load(weights_only=True) refused it: {reason}"
+    line = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    if len(line) > 160 and ". " in line:   # torch's zip-reader errors append a paragraph of advice
+        line = line.split(". ", 1)[0] + "."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise CheckpointError(f"{path}: cannot read as safetensors (truncated or corrupt?): {_first_line(e)}; "
+                              f"{_EXPECTED}") from None
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` (tensors and plain containers only), with one-line errors naming ``path``."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises OSError/RuntimeError/UnpicklingError/EOFError
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated, corrupt or not a "
+                              f"torch.save file?): {_first_line(e)}") from None
+
+
+def _preview(obj: object) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj)[:4]
+        return f"a dict with keys {keys}{' ...' if len(obj) > 4 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read a DiT state dict and what the file says about itself.
+
+    Files: ``.safetensors``, ``.pt`` / ``.pth`` / ``.bin`` (a state dict, or one nested under
+    ``generator`` / ``model`` / ``state_dict``, the release's exports with their top-level
+    ``checkpoint_format``), or a diffusers folder (a pipeline root with ``transformer/`` inside,
+    or the transformer folder, with one or several safetensors shards). Errors are one line
+    naming the file and what was expected (:class:`CheckpointError`).
     """
     path = Path(path)
     if path.is_dir():
@@ -113,23 +188,36 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: no *.safetensors weights found (expected a diffusers transformer folder)")
         sd: dict[str, torch.Tensor] = {}
         for shard in shards:
-            sd.update(load_file(str(shard)))
-        return sd
+            sd.update(_load_safetensors(shard))
+        return sd, CheckpointInfo(str(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        # LongLive checkpoints nest the generator; prefer EMA weights only if asked (not here).
-        for key in ("generator", "model", "state_dict"):
-            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors")
-        return obj
-    raise CheckpointError(f"{path}: unsupported checkpoint type {path.suffix!r} (use .safetensors, .pt, .pth or a folder)")
+        return _load_safetensors(path), CheckpointInfo(str(path))
+    if path.suffix not in (".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path}: unsupported checkpoint type {path.suffix!r} (use .safetensors, .pt, .pth or a folder)")
+    obj = _torch_load(path)
+    top = obj if isinstance(obj, dict) else {}
+    if "generator_lora" in top and not any(k in top for k in _NESTED):
+        raise CheckpointError(f"{path}: a standalone LoRA file ('generator_lora'), not a DiT checkpoint; pass it "
+                              f"with --lora and the base DiT with --dit or --weights")
+    for key in _NESTED:
+        if key in top and isinstance(top[key], dict):
+            obj = top[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (got {_preview(obj)}); {_EXPECTED}")
+    meta = {k: v for k, v in top.items() if k not in _NESTED and not isinstance(v, torch.Tensor)
+            and not (isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()))}
+    fmt, version = top.get("checkpoint_format"), top.get("checkpoint_version")
+    return obj, CheckpointInfo(str(path), fmt if isinstance(fmt, str) else None,
+                               version if isinstance(version, int) else None, meta)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a DiT state dict from a .safetensors / .pt / .pth file or a diffusers folder
+    (:func:`read_checkpoint` without the file's self-description)."""
+    return read_checkpoint(path)[0]
 
 
 def _describe(keys: list[str], limit: int = 8) -> str:
@@ -137,24 +225,120 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}"
 
 
-def load_dit_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
-    """Load weights in either layout into ``model`` strictly, naming missing/unexpected keys."""
-    sd = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
-    sd = original_to_diffusers(sd) if is_original_layout(sd) else {_strip_prefixes(k): v for k, v in sd.items()}
-    expected = model.state_dict()
+def _to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return original_to_diffusers(sd) if is_original_layout(sd) else {_strip_prefixes(k): v for k, v in sd.items()}
+
+
+def _check_format(info: CheckpointInfo, where: str) -> None:
+    fmt = info.format
+    if fmt in REJECTED_FORMATS:
+        raise CheckpointError(f"{where}: checkpoint_format {fmt!r} is {REJECTED_FORMATS[fmt]}")
+    if fmt == NVFP4_FORMAT and info.version not in (None, 1):
+        raise CheckpointError(f"{where}: {NVFP4_FORMAT} version {info.version} is not supported (expected 1)")
+    if fmt is not None and fmt not in (*MERGED_FORMATS, NVFP4_FORMAT) and fmt.startswith("longlive_"):
+        warnings.warn(f"{where}: unknown checkpoint_format {fmt!r} (known: {', '.join((*MERGED_FORMATS, NVFP4_FORMAT))}); "
+                      f"loading its tensors as a DiT state dict", stacklevel=3)
+
+
+def _mismatch(where: str, expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str | None:
+    """One line naming the missing / unexpected keys and wrong shapes, or None if ``sd`` fits."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
+    if missing and len(missing) == len(expected):
+        return (f"{where}: not a checkpoint of this DiT: none of its {len(sd)} tensors is one of the model's "
+                f"{len(expected)} (expected names like blocks.0.attn1.to_q.weight, or original Wan "
+                f"blocks.0.self_attn.q.weight); the file holds e.g. {_describe(sorted(sd), 4)}")
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing keys: {_describe(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_describe(unexpected)}")
-        raise CheckpointError("checkpoint does not match the model; " + "; ".join(parts))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+        return (f"{where}: checkpoint does not match the model (a truncated export, or another architecture "
+                f"or depth?); " + "; ".join(parts))
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
-        raise CheckpointError(f"checkpoint shapes do not match the model: {_describe(wrong)}")
+        return f"{where}: checkpoint shapes do not match the model (another model width?): {_describe(wrong)}"
+    return None
+
+
+def load_dit_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                     precision: str | None = None, nvfp4_rule: str | None = None) -> CheckpointInfo:
+    """Load weights in either layout into ``model`` strictly, naming the file and the
+    missing / unexpected keys; returns what the file says about itself.
+
+    Accepted besides plain state dicts: the release's merged generators
+    (``checkpoint_format`` ``longlive_generator_merged_lora`` / ``..._merged_bf16``: ordinary
+    DiT weights) and its pre-quantized NVFP4 generator (``longlive_generator_nvfp4``,
+    ``model_4o6.pt``; any file with ``quantized_weight_values`` buffers): its block linears are
+    replaced by NVFP4 layers holding the file's codes and scales bit for bit
+    (impl/quant/release_nvfp4.py), which :func:`impl.quant.apply.quantize_model` keeps.
+    ``precision``: the run's block-linear format; for a pre-quantized file ``nvfp4_weight_only``
+    (also the default, None, with a warning naming the flag) or ``nvfp4_emulated`` / ``nvfp4``
+    (W4A4); any other is an error, since the file has no BF16 block weights. ``nvfp4_rule``:
+    the file's weight scale rule when its metadata does not record one (default ``mse``).
+    """
+    if isinstance(source, Mapping):
+        sd, info = dict(source), CheckpointInfo()
+    else:
+        sd, info = read_checkpoint(source)
+    where = info.path or "state dict"
+    _check_format(info, where)
+    if any(_LORA_TENSOR.search(k) for k in sd):
+        raise CheckpointError(f"{where}: holds LoRA tensors (lora_A / lora_B), not a DiT checkpoint; pass a LoRA "
+                              f"file with --lora and the base DiT with --dit or --weights")
+    sd = _to_diffusers(sd)
+    from impl.quant import release_nvfp4
+    if release_nvfp4.is_prequantized(sd):
+        _load_prequantized(model, sd, info, where, precision, nvfp4_rule)
+        return info
+    if info.format == NVFP4_FORMAT:
+        raise CheckpointError(f"{where}: declares checkpoint_format {NVFP4_FORMAT!r} but holds no "
+                              f"quantized_weight_* buffers (a truncated or hand-edited export?)")
+    error = _mismatch(where, model.state_dict(), sd)
+    if error:
+        raise CheckpointError(error)
     model.load_state_dict(sd, strict=True)
+    return info
+
+
+def _load_prequantized(model: nn.Module, sd: dict[str, torch.Tensor], info: CheckpointInfo, where: str,
+                       precision: str | None, rule: str | None) -> None:
+    """Swap the block linears of ``model`` for NVFP4 layers holding the file's codes, then load
+    the other tensors strictly. Everything is checked before ``model`` changes."""
+    from impl.quant import release_nvfp4
+    from impl.quant.apply import _set_module
+
+    mode = {None: "nvfp4_weight_only", "nvfp4_weight_only": "nvfp4_weight_only",
+            "nvfp4_emulated": "nvfp4_emulated", "nvfp4": "nvfp4_emulated"}.get(precision)
+    if mode is None:
+        raise CheckpointError(f"{where}: a pre-quantized NVFP4 checkpoint ({NVFP4_FORMAT}) holds no BF16 block-linear "
+                              f"weights; run it with --precision nvfp4_weight_only or nvfp4_emulated, not {precision!r} "
+                              f"(or load the release's merged BF16 generator instead)")
+    plain, quant = release_nvfp4.split_prequantized(sd)
+    try:
+        rule = release_nvfp4.resolve_rule(info.meta.get("quantization"), where, rule)
+        layers = release_nvfp4.build_prequantized_layers(model, quant, plain, rule, mode)
+    except release_nvfp4.ReleaseNVFP4Error as e:
+        raise CheckpointError(f"{where}: not a valid {NVFP4_FORMAT} checkpoint for this model: {e}") from None
+    expected = {k: v for k, v in model.state_dict().items()
+                if k.rpartition(".")[0] not in layers}   # the swapped linears' weight and bias come from `layers`
+    rest = {k: v for k, v in plain.items() if k.rpartition(".")[0] not in layers}
+    error = _mismatch(where, expected, rest)
+    if error:
+        raise CheckpointError(error)
+    for name, layer in layers.items():
+        _set_module(model, name, layer)
+    model.load_state_dict(rest, strict=False)
+    if precision is None:
+        warnings.warn(f"{where}: pre-quantized NVFP4 checkpoint: {len(layers)} block linears hold its codes as NVFP4 "
+                      f"weight-only layers whatever the run's precision; run with --precision nvfp4_weight_only "
+                      f"(or nvfp4_emulated for the release's W4A4)", stacklevel=3)
+    masters = [f"{n}.weight" for n in layers if f"{n}.weight" in plain]
+    if masters:
+        warnings.warn(f"{where}: ignored {len(masters)} BF16 weights of linears the file also holds quantized "
+                      f"(e.g. {masters[0]}); the quantized codes are used", stacklevel=3)
 
 
 def save_dit_weights(model: nn.Module, path: str | os.PathLike, *, layout: str = "diffusers",

@@ -15,7 +15,8 @@ Residency rules (what block ``b`` attends):
 - the current block (written on every denoising step and on the clean re-cache pass);
 - the rest of the window holds the most recent other blocks (evict the oldest).
 Calling ``begin_block`` again for the current block reuses its slot (overwrite in place);
-asking for an older block or skipping a block is an error.
+asking for an older block or skipping a block is an error. The one way back to older blocks is
+:meth:`KVCache.recache_plans` (a prompt switch recomputes every resident block's K/V).
 
 Text K/V for cross-attention is cached per prompt in ``text_contexts``.
 
@@ -309,6 +310,19 @@ class KVCache:
             raise ValueError(f"KVCache.begin_block: block {block} is not the current block "
                              f"({self.current_block}) or the next one; call reset() for a new video")
         return BlockPlan(block, slot, self.num_valid, self.tokens_per_block)
+
+    def recache_plans(self) -> list[BlockPlan]:
+        """Plans that recompute every resident block's K/V, oldest first (the KV re-cache of a
+        prompt switch, impl/session.py).
+
+        The i-th oldest resident block is moved to slot i and its plan reads slots [0, i]: the
+        blocks re-cached before it and itself (block-causal over the window). No data moves:
+        attention does not depend on slot order, and the caller must rewrite every returned
+        slot before anything reads the cache again. Resident blocks, the current block and the
+        shot pin are unchanged."""
+        blocks = self.resident_blocks()
+        self.slot_block = blocks + [-1] * (self.num_slots - len(blocks))
+        return [BlockPlan(b, i, i + 1, self.tokens_per_block) for i, b in enumerate(blocks)]
 
     def _free_or_evict(self) -> int:
         if -1 in self.slot_block:

@@ -1,8 +1,14 @@
-"""Gradient synchronisation for SP x DP training with replicated parameters.
+"""Gradient synchronisation for SP x DP training.
 
-Each SP rank back-propagates only its own tokens, so a parameter's full gradient is the SUM
-of the SP ranks' gradients; DP replicas see different samples and are AVERAGED. One world
-all-reduce (sum) divided by the DP size does both. Gradients travel in flat buckets.
+The convention, for every sharding: each SP rank back-propagates only its own tokens (its
+loss is its share of the clip loss), so a parameter's full gradient is the SUM of the SP
+ranks' gradients; DP replicas see different samples and are AVERAGED. Both are one world
+reduction (sum) divided by the DP size, :func:`gradient_divide_factor`.
+
+- Replicated parameters (sharding none): :func:`sync_gradients` all-reduces in flat buckets.
+- FSDP (impl.parallel.fsdp): the reduce-scatter over the flattened dp x sp mesh sums over
+  all ranks and divides by the same factor (``FSDPModule.set_gradient_divide_factor``),
+  so each rank ends up with its shard of exactly the gradient this module computes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from impl.parallel.groups import ParallelGroups
 
 BUCKET_ELEMENTS = 1 << 25
+
+
+def gradient_divide_factor(groups: ParallelGroups) -> int:
+    """What the world-summed gradient is divided by: the DP size (SP ranks are summed)."""
+    return groups.dp_size
 
 
 def sync_gradients(params: Iterable[torch.nn.Parameter], groups: ParallelGroups) -> int:
@@ -44,8 +55,8 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], groups: ParallelGroups)
         for same in by_dtype.values():
             flat = _flatten_dense_tensors(same)
             dist.all_reduce(flat)
-            if groups.dp_size > 1:
-                flat.div_(groups.dp_size)
+            if gradient_divide_factor(groups) > 1:
+                flat.div_(gradient_divide_factor(groups))
             for g, new in zip(same, _unflatten_dense_tensors(flat, same)):
                 g.copy_(new)
             sent += flat.numel() * flat.element_size()

@@ -80,14 +80,30 @@ def build_groups(sp_size: int) -> ParallelGroups:
     return ParallelGroups(rank, world, sp_size, rank % sp_size, dp_size, rank // sp_size, sp_group, dp_group)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+def init_single_rank_group(device: torch.device | str, timeout_s: float = 600.0) -> None:
+    """A process group of this process alone (in-memory store), for code that needs one even
+    without torchrun: FSDP2 shards over a device mesh, so one-GPU FSDP (with or without CPU
+    offload) runs in a world of 1. No-op when a group is already initialised."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0, *,
+                     single_rank_group: bool = False) -> tuple[int, int, torch.device]:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     NCCL with one GPU per local rank when CUDA is available, gloo on CPU. Returns
-    (rank, world_size, device). Without torchrun's variables this is a single process.
+    (rank, world_size, device). Without torchrun's variables this is a single process, with
+    a world-of-1 group if ``single_rank_group`` (FSDP needs one; see init_single_rank_group).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if single_rank_group:
+            init_single_rank_group(device, timeout_s)
+        return 0, 1, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"

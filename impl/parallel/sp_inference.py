@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ from impl.model.kv_cache import KVCache
 from impl.parallel.groups import ParallelConfigError, ParallelGroups
 from impl.parallel.sp_exchange import BlockBytes, SPExchange, block_bytes
 from impl.pipeline import BlockTiming, GenerationResult
+from impl.session import StreamingSession, encode_frames, encode_image, resolve_encoder
 
 
 def config_block_bytes(cfg: InferenceConfig, element_bytes: int, batch: int = 1) -> BlockBytes:
@@ -95,6 +96,28 @@ class SPInference:
         root = self.groups.is_sp_root
         return self.pipeline.generate(prompts, seed=seed, noise=noise, decode=decode and root,
                                       video_path=video_path if root else None, on_block=on_block)
+
+    def session(self, prompt: str, *, image: Any = None, video: torch.Tensor | None = None, decode: bool = True,
+                video_path: str | Path | None = None, **options: Any) -> StreamingSession:
+        """This rank's :class:`~impl.session.StreamingSession`. Every rank of the SP group opens it
+        with the same arguments and makes the same switches between the same pulls (the cache
+        bookkeeping and the re-cache forwards then match). The SP root decodes, and encodes
+        ``image`` / ``video`` (it holds the VAE) and sends their latents to the group."""
+        root = self.groups.is_sp_root
+        if image is not None:
+            options["image_latent"] = self._encoded_on_root(image, encode_image, options.get("encoder"))
+        if video is not None:
+            options["latents"] = self._encoded_on_root(video, encode_frames, options.get("encoder"))
+        return self.pipeline.session(prompt, decode=decode and root, video_path=video_path if root else None,
+                                     **options)
+
+    def _encoded_on_root(self, pixels: Any, encode: Callable, encoder: Any) -> torch.Tensor:
+        g = self.groups
+        box = [encode(resolve_encoder(self.pipeline, encoder), pixels, self.pipeline.preset).cpu()
+               if g.is_sp_root else None]
+        if g.sp_size > 1:
+            torch.distributed.broadcast_object_list(box, src=g.sp_root_global_rank, group=g.sp_group)
+        return box[0]
 
 
 # ------------------------------------------------------------------ command line

@@ -64,18 +64,43 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> QuantReport:
     """Replace the block linears of ``model`` in place according to ``cfg``."""
     if merge_lora(model):
         warnings.warn("quantize_model: merged LoRA weights into the base linears first", stacklevel=2)
+    pre = [n for n in block_linear_names(model) if getattr(model.get_submodule(n), "prequantized", False)]
     names = [n for n in block_linear_names(model) if isinstance(model.get_submodule(n), nn.Linear)]
-    if not names:
+    if not names and not pre:
         raise ValueError("quantize_model: the model has no unquantized block linears (names starting with 'blocks.')")
     kept = sum(isinstance(m, nn.Linear) for m in model.modules()) - len(names)
     before = block_linear_bytes(model, names)
     device = next(model.parameters()).device
-    mode = resolve_mode(cfg.mode, device)
+    mode = _adopt_prequantized(model, pre, cfg) if pre else resolve_mode(cfg.mode, device)
+    if not names:
+        return QuantReport(mode, 0, kept, before, before)
     if mode == "bf16":
         return QuantReport(mode, 0, kept + len(names), before, before)
     for name in names:
         _set_module(model, name, make_quant_linear(model.get_submodule(name), mode, cfg))
     return QuantReport(mode, len(names), kept, before, block_linear_bytes(model, names))
+
+
+def _adopt_prequantized(model: nn.Module, names: list[str], cfg: QuantConfig) -> str:
+    """Block linears loaded from a pre-quantized NVFP4 checkpoint (impl/quant/release_nvfp4.py)
+    keep their codes: they run weight-only or, moved bit for bit into emulated layers, W4A4
+    (``nvfp4`` means that here: Transformer Engine would need the BF16 weights). Other formats
+    would need the BF16 weights the file does not have. Returns the mode used."""
+    from impl.quant.linear import _packed_weight, nvfp4_linear_from_packed
+    mode = "nvfp4_emulated" if cfg.mode == "nvfp4" else cfg.mode
+    if mode not in ("nvfp4_weight_only", "nvfp4_emulated") or cfg.keep_master_weights:
+        raise ValueError(f"quantize_model: {len(names)} block linears hold a pre-quantized NVFP4 checkpoint's weights "
+                         f"(no BF16 weights to quantize); precision must be nvfp4_weight_only or nvfp4_emulated "
+                         f"(W4A4, as the release runs it) for inference, got {cfg.mode!r}"
+                         f"{' with master weights (training)' if cfg.keep_master_weights else ''}")
+    wanted = NVFP4WeightOnlyLinear if mode == "nvfp4_weight_only" else NVFP4EmulatedLinear
+    for name in names:
+        layer = model.get_submodule(name)
+        if type(layer) is not wanted:
+            new = nvfp4_linear_from_packed(_packed_weight(layer), layer.bias, QuantConfig.for_inference(mode))
+            new.prequantized = True
+            _set_module(model, name, new)
+    return mode
 
 
 def make_quant_linear(linear: nn.Linear, mode: str, cfg: QuantConfig) -> nn.Module:

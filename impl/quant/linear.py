@@ -198,3 +198,33 @@ def _register_packed(layer: nn.Module, t: nvfp4.NVFP4Tensor) -> None:
 def _packed_weight(layer: nn.Module) -> nvfp4.NVFP4Tensor:
     return nvfp4.NVFP4Tensor(layer.weight_packed, layer.weight_scales, layer.weight_global_scale,
                              layer.scale_rule)
+
+
+def nvfp4_linear_from_packed(t: nvfp4.NVFP4Tensor, bias: torch.Tensor | None, cfg: QuantConfig) -> QuantLinear:
+    """An NVFP4 layer (``cfg.mode``: ``nvfp4_weight_only`` or ``nvfp4_emulated``, frozen) that
+    holds the already-quantized weight ``t`` [out, in] as it is: no re-quantization, so the
+    codes and scales stay bit for bit those of ``t`` (a pre-quantized checkpoint's,
+    impl/quant/release_nvfp4.py, or another layer's). ``bias``: [out] or None."""
+    classes = {"nvfp4_weight_only": NVFP4WeightOnlyLinear, "nvfp4_emulated": NVFP4EmulatedLinear}
+    if cfg.mode not in classes or cfg.keep_master_weights:
+        raise ValueError(f"nvfp4_linear_from_packed: needs mode nvfp4_weight_only or nvfp4_emulated without master "
+                         f"weights, got mode {cfg.mode!r}, keep_master_weights={cfg.keep_master_weights}")
+    if t.packed.dim() != 2 or t.global_scale.numel() != 1:
+        raise ValueError(f"nvfp4_linear_from_packed: need a 2-D weight with one tensor scale, got packed "
+                         f"{tuple(t.packed.shape)}, tensor scale {tuple(t.global_scale.shape)}")
+    out_features, in_features = t.shape
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"nvfp4_linear_from_packed: bias shape {tuple(bias.shape)}, expected ({out_features},)")
+    cls = classes[cfg.mode]
+    layer = cls.__new__(cls)
+    # The common part only (shapes, bias): the subclass constructors would quantize a weight.
+    QuantLinear.__init__(layer, _LinearShape(in_features, out_features, bias), cfg)
+    _register_packed(layer, nvfp4.NVFP4Tensor(t.packed, t.scales, t.global_scale.reshape(()), t.rule))
+    return layer
+
+
+class _LinearShape:
+    """What :class:`QuantLinear` reads of an ``nn.Linear`` (no master weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        self.in_features, self.out_features, self.bias, self.weight = in_features, out_features, bias, None

@@ -27,7 +27,7 @@ import yaml
 
 from impl.config import PRESETS, ConfigError
 from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, choices
-from impl.train.config import LEGACY_DTYPE_PRECISIONS, TrainConfig, upgrade_config_dict
+from impl.train.config import LEGACY_DTYPE_PRECISIONS, Sharding, TrainConfig, upgrade_config_dict
 
 # TrainConfig field -> (type of its --flag, help, Literal of its allowed values or None). The
 # flags default to None (unset: the --config file's value, else TrainConfig's default, which
@@ -43,6 +43,9 @@ _FLAGS: dict[str, tuple[type, str, Any]] = {
     "sp_layout": (str, "teacher-forcing token layout under SP: balanced = each rank holds the clean and noisy "
                        "copy of one chunk; naive = the [clean ; noisy] sequence cut in sp parts", SPLayout),
     "attention_backend": (str, "masked attention core: auto = flex on CUDA, dense elsewhere", TrainAttention),
+    "sharding": (str, "where parameters, gradients and AdamW state live: none = replicated on every rank; "
+                      "fsdp = FSDP2 shards over all sp x dp ranks (BF16 compute, float32 master and reduce; "
+                      "checkpoints are sharded DCP folders that resume on any world size)", Sharding),
     "batch_size": (int, "clips per rank per micro-step", None),
     "grad_accum": (int, "micro-steps per optimizer step", None),
     "steps": (int, "optimizer steps to train to (a resumed run continues up to this total)", None),
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=_flag_help(text, kind, defaults[name]))
     ap.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the blocks' pure halves (norms, projections, FFN) (default: off)")
+    ap.add_argument("--offload", action="store_true", default=None,
+                    help="with --sharding fsdp: keep the sharded parameters, gradients and AdamW state in CPU "
+                         "memory (the optimizer steps on the CPU; GPU memory holds the gathered blocks and "
+                         "activations) (default: off)")
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
                     help="keep every block's activations instead of recomputing them in backward "
                          "(default: checkpointing on)")
@@ -121,7 +128,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.precision in LEGACY_DTYPE_PRECISIONS:   # old command lines: say so instead of reinterpreting
         raise ConfigError(f"--precision: {args.precision} is a compute dtype, not a block-linear format; "
                           f"use --dtype {args.precision}")
-    for name in [*_FLAGS, "compile", "gradient_checkpointing"]:
+    for name in [*_FLAGS, "compile", "gradient_checkpointing", "offload"]:
         v = getattr(args, name)
         if v is not None:
             values[name] = v
@@ -145,10 +152,51 @@ def build_source(args, cfg, preset):
     return VideoFolderDataset(args.data, cfg.frames, fpb, h, w, seed=cfg.seed)
 
 
+def _output_problem(path: Path, *, folder: bool) -> str | None:
+    """Why ``path`` (a folder, or a file when ``folder`` is False) cannot be written, or None.
+    Creates nothing: the nearest existing ancestor must be a folder this process can write to."""
+    import os
+    import tempfile
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    if not folder and path.is_dir():
+        return f"{path} is a folder, not a file"
+    probe = path if folder else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"cannot create {path}: {probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as exc:
+        return f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out / --metrics-out must be writable: checked before any model is built (ConfigError)."""
+    for flag, path, folder in (("--out", args.out, True), ("--metrics-out", args.metrics_out, False)):
+        problem = None if path is None else _output_problem(path, folder=folder)
+        if problem is not None:
+            raise ConfigError(f"{flag} {path}: {problem}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
+        check_outputs(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -161,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from impl.train.encode import ClipEncoder
     from impl.train.trainer import Trainer, build_training_model
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(single_rank_group=cfg.sharding == "fsdp")   # FSDP needs a group
     groups = build_groups(cfg.sp_size)
     preset = get_preset(cfg.preset)
     source = build_source(args, cfg, preset)

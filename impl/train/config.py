@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from impl.config import ConfigError, PRESETS, _require
 from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, check_choice, choices
+
+# How parameters, gradients and optimizer state are laid out over the ranks:
+# none = replicated on every rank (float32 master copy + AdamW beside BF16 parameters);
+# fsdp = FSDP2 over the flattened dp x sp mesh (impl.parallel.fsdp).
+Sharding = Literal["none", "fsdp"]
 
 # Before dtype had its own field, ``precision`` also named the compute dtype: these are its
 # old values that are dtypes and not block-linear formats (fp32, fp64).
@@ -67,6 +72,8 @@ class TrainConfig:
     sp_size: int = 1
     sp_layout: SPLayout = "balanced"
     attention_backend: TrainAttention = "auto"    # auto = FlexAttention on CUDA, dense mask on CPU
+    sharding: Sharding = "none"        # none = replicated; fsdp = sharded over all dp x sp ranks
+    offload: bool = False              # fsdp only: sharded params, grads and AdamW state on the CPU
     batch_size: int = 1                # clips per rank per micro-step
     grad_accum: int = 1
     steps: int = 600                   # optimizer steps
@@ -90,8 +97,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "TrainConfig.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name, kind in (("dtype", DType), ("precision", TrainPrecision), ("sp_layout", SPLayout),
-                           ("attention_backend", TrainAttention)):
+                           ("attention_backend", TrainAttention), ("sharding", Sharding)):
             check_choice(getattr(self, name), kind, f"TrainConfig.{name}")
+        _require(isinstance(self.offload, bool), "TrainConfig.offload", f"must be a bool, got {self.offload!r}")
+        _require(not self.offload or self.sharding == "fsdp", "TrainConfig.offload",
+                 f"CPU offload moves FSDP shards; it needs sharding 'fsdp', got {self.sharding!r}")
         # Quantized linears keep BF16 master weights and quantize BF16 activations.
         _require(self.precision == "bf16" or self.dtype == "bf16", "TrainConfig.precision",
                  f"{self.precision!r} block linears train with dtype 'bf16', got dtype {self.dtype!r}")

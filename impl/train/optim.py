@@ -1,16 +1,24 @@
-"""AdamW over full-precision master weights.
+"""AdamW over full-precision master weights, replicated or sharded.
 
-Low-precision (BF16) parameters run the forward and backward; the optimizer keeps a float32
-master copy of each, applies AdamW there and writes the rounded result back, so small updates
-are not lost to BF16 rounding. Parameters that are already float32/float64 are their own
-master (no copy).
+:class:`MasterWeightAdamW` (sharding none): low-precision (BF16) parameters run the forward
+and backward; the optimizer keeps a float32 master copy of each, applies AdamW there and
+writes the rounded result back, so small updates are not lost to BF16 rounding. Parameters
+that are already float32/float64 are their own master (no copy).
+
+:class:`ShardedAdamW` (sharding fsdp): FSDP's sharded parameters already are the float32
+masters (it all-gathers them in BF16 for compute), so a plain ``torch.optim.AdamW`` steps
+them directly (fused AdamW); each rank updates its shard, clipping uses the norm over all
+shards.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from impl.parallel.fsdp import FSDPPlan
 
 _FULL = (torch.float32, torch.float64)
 
@@ -89,8 +97,44 @@ class MasterWeightAdamW:
                                            for k, v in st.items()}
 
 
+class ShardedAdamW:
+    """AdamW on FSDP-sharded master parameters (DTensors; on the CPU with offload)."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], plan: "FSDPPlan", *, lr: float,
+                 betas: tuple[float, float], weight_decay: float, eps: float = 1e-8):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        if not named:
+            raise ValueError("ShardedAdamW: no trainable parameters")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.plan = plan
+        # Fused: one kernel per step on CUDA and a vectorised loop on the CPU (offload), with no
+        # foreach temporary the size of the shards (train_memory counts none).
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
+                                           fused=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, max_grad_norm: float | None) -> float:
+        """Clip (if ``max_grad_norm``) by the global norm and step; returns the norm before
+        clipping (the same on every rank)."""
+        from impl.parallel.fsdp import clip_grad_norm_
+
+        norm = clip_grad_norm_(self.params, max_grad_norm, self.plan)
+        self.optimizer.step()
+        self.zero_grad()
+        return norm
+
+    def master_state(self) -> dict[str, torch.Tensor]:
+        """Name -> this rank's master shard (a DTensor: EMA and checkpoints keep it sharded)."""
+        return {n: p.detach() for n, p in zip(self.names, self.params)}
+
+
 class EMA:
-    """Exponential moving average of the master weights (float32, on ``device``)."""
+    """Exponential moving average of the master weights (float32, on ``device``). Given
+    FSDP's sharded masters it stays sharded the same way (DTensors, 1/W per rank)."""
 
     def __init__(self, master: dict[str, torch.Tensor], decay: float, device: torch.device | str | None = None):
         if not 0.0 < decay < 1.0:

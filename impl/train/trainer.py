@@ -6,7 +6,13 @@ pre-encoded latent sample), draws the shared per-block timesteps and clip noise,
 :func:`~impl.train.teacher_forcing.teacher_forcing_loss` and back-propagates. Gradients are
 summed over SP ranks and averaged over DP replicas, clipped, and AdamW updates float32
 master weights. All randomness is a function of (seed, step), so a resumed run continues
-exactly where the interrupted one would have been.
+exactly where the interrupted one would have been (the step is the whole RNG state).
+
+``sharding`` none replicates the parameters, master weights and AdamW state on every rank
+(gradients all-reduced after backward, single-file checkpoints from rank 0); ``fsdp`` shards
+all three over every dp x sp rank (:mod:`impl.parallel.fsdp`: gradients reduce-scattered in
+backward with the same sum-over-SP / mean-over-DP convention, sharded DCP checkpoints that
+resume on any world size).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from impl.parallel.attention import teacher_forcing_core
 from impl.parallel.gradients import sp_all_reduce_sum, sync_gradients
 from impl.parallel.groups import ParallelConfigError, ParallelGroups, single_process
 from impl.parallel.layout import TeacherForcingLayout
-from impl.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from impl.train.checkpoint import (SHARDED, SINGLE_FILE, TrainState, WeightsView, checkpoint_format,
+                                   checkpoint_meta, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
+                                   save_checkpoint, save_sharded_checkpoint)
 from impl.train.config import TrainConfig, upgrade_config_dict
 from impl.train.error_recycling import ErrorRecycler
 from impl.train.flow import FlowSchedule, shared_generator
-from impl.train.optim import EMA, MasterWeightAdamW
+from impl.train.optim import EMA, MasterWeightAdamW, ShardedAdamW
 from impl.train.sampler import ShardedSampler
 from impl.train.samples import LatentSample
 from impl.train.synthetic import SyntheticLatentSource
@@ -100,8 +108,18 @@ class Trainer:
         self.schedule = FlowSchedule(cfg.shift)
         self.attention = teacher_forcing_core(self.layout, self.preset.tokens_per_frame, self.device,
                                               self.groups.sp_group, cfg.attention_backend)
-        self.optimizer = MasterWeightAdamW(self.model.named_parameters(), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        # The compute dtype, read before sharding (afterwards the registered parameters
+        # outside a forward are the float32 shards).
+        self.dtype = self.model.dtype
+        adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.plan = None
+        if cfg.sharding == "fsdp":
+            from impl.parallel.fsdp import shard_model
+            self.plan = shard_model(self.model, self.groups, self.device, offload=cfg.offload)
+            self.optimizer: MasterWeightAdamW | ShardedAdamW = ShardedAdamW(self.model.named_parameters(),
+                                                                           self.plan, **adamw)
+        else:
+            self.optimizer = MasterWeightAdamW(self.model.named_parameters(), **adamw)
         self.ema: EMA | None = None
         self.recycler = ErrorRecycler(cfg.error_recycling, self.schedule.num_timesteps, fpb, cfg.seed) \
             if cfg.error_recycling.enabled else None
@@ -129,7 +147,7 @@ class Trainer:
 
     def _inputs(self, items: list[Any], micro: int) -> TFInputs:
         cfg, dev = self.cfg, self.device
-        dtype = self.model.dtype
+        dtype = self.dtype
         if isinstance(items[0], LatentSample):
             x0 = torch.stack([s.latents for s in items]).to(dev, dtype)
             text = torch.stack([s.text for s in items])
@@ -166,7 +184,8 @@ class Trainer:
             loss_sum += sp_all_reduce_sum(out.loss, self.groups).double().cpu() / cfg.grad_accum
             if self.recycler is not None:
                 self.recycler.record(out, inputs)
-        sync_gradients(self.model.parameters(), self.groups)
+        if self.plan is None:   # FSDP reduce-scattered them during backward
+            sync_gradients(self.model.parameters(), self.groups)
         grad_norm = self.optimizer.step(cfg.grad_clip)
         self.step += 1
         if cfg.ema_start_step is not None and self.step >= cfg.ema_start_step:
@@ -212,16 +231,39 @@ class Trainer:
         bar.close()
         return history
 
-    def state(self) -> TrainState:
+    def _meta(self) -> dict[str, Any]:
         meta = {"config": self.cfg.to_dict(), "world_size": self.groups.world_size,
                 "sp_size": self.groups.sp_size, "dp_size": self.groups.dp_size}
         if self.recycler is not None:
             meta["error_recycling"] = "per-rank buffers are not saved; they refill after resume"
+        return meta
+
+    def state(self) -> TrainState:
+        """The replicated (sharding none) state, as one rank holds it in full."""
+        if self.plan is not None:
+            raise ValueError("Trainer.state: a sharded run's state is per rank; see sharded_state()")
         return TrainState(self.step, self.optimizer.master_state(), self.optimizer.optimizer_tensors(),
-                          None if self.ema is None else self.ema.shadow, meta)
+                          None if self.ema is None else self.ema.shadow, self._meta())
+
+    def sharded_state(self) -> dict[str, Any]:
+        """This rank's shards of the model, AdamW state and EMA, as DCP saves and loads them."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        return state
 
     def save(self) -> Path | None:
-        """Rank 0 writes (parameters are replicated); every rank waits for it."""
+        """Sharding none: rank 0 writes (parameters are replicated) and every rank waits.
+        Sharding fsdp: every rank writes its shards (collective)."""
+        if self.plan is not None:
+            path = save_sharded_checkpoint(self.out_dir, self.step, self.sharded_state(),
+                                           {**self._meta(), "has_ema": self.ema is not None}, self.cfg.max_checkpoints)
+            if self.groups.rank == 0:
+                log.info("saved %s", path)
+            return path
         path = None
         if self.groups.rank == 0:
             path = save_checkpoint(self.out_dir, self.state(), self.cfg.max_checkpoints)
@@ -230,15 +272,29 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load(self, path: str | Path) -> None:
-        st = load_checkpoint(path)
-        saved = upgrade_config_dict(st.meta.get("config", {}))
+    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
+        saved = upgrade_config_dict(meta.get("config", {}))
         if "precision" in saved:
             saved.setdefault("dtype", "bf16")   # written before the split and not fp32/fp64: bf16
         for key in _RESUME_FIELDS:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"checkpoint {path} was trained with {key}={saved[key]!r}, "
                                  f"this run has {getattr(self.cfg, key)!r}")
+        fmt, want = checkpoint_format(meta), SHARDED if self.plan is not None else SINGLE_FILE
+        if fmt != want:
+            written = "fsdp" if fmt == SHARDED else "none"
+            raise ValueError(f"checkpoint {path} was written with sharding={written!r} ({fmt} format), this run "
+                             f"has sharding={self.cfg.sharding!r}; resume it with sharding={written!r} (any world "
+                             f"size for fsdp), or start from its weights: python -m impl.train.checkpoint export")
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        meta = checkpoint_meta(path)
+        self._check_compatible(path, meta)
+        if self.plan is not None:
+            self._load_sharded(path, meta)
+            return
+        st = load_checkpoint(path)
         self.optimizer.load_master_state({k: v.to(self.device) for k, v in st.model.items()})
         self.optimizer.load_optimizer_tensors(st.optimizer)
         if st.ema is not None:
@@ -247,6 +303,42 @@ class Trainer:
                 self.ema.shadow[n].copy_(t)
         self.step = st.step
 
+    def _load_sharded(self, path: Path, meta: dict[str, Any]) -> None:
+        """Collective. DCP reshards each tensor from the checkpoint's mesh to this one."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        self.ema = EMA(self.optimizer.master_state(), self.cfg.ema_decay) if meta.get("has_ema") else None
+        state = self.sharded_state()
+        load_sharded_checkpoint(path, state)
+        set_state_dict(self.model, self.optimizer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self.step = int(meta["step"])
+        if meta.get("world_size") != self.groups.world_size and self.groups.rank == 0:
+            log.info("resharded %s from %s to %d ranks", path, meta.get("world_size"), self.groups.world_size)
+
+    def export_weights(self, path: str | Path, *, ema: bool = False, dtype: torch.dtype | None = None) -> Path | None:
+        """Write the master weights (or the EMA) as one diffusers-layout safetensors file for
+        inference (``dtype`` casts; None keeps float32). Collective under fsdp (the shards are
+        gathered one tensor at a time); rank 0 writes and returns the path, others None."""
+        from impl.model.checkpoint import save_dit_weights
+
+        if ema and self.ema is None:
+            raise ValueError("export_weights: the EMA has not started (ema_start_step)")
+        if self.plan is not None:
+            from impl.parallel.fsdp import full_model_state_dict, full_tensors
+            tensors = full_tensors(self.ema.shadow) if ema else full_model_state_dict(self.model)
+        else:
+            source = self.ema.shadow if ema else self.optimizer.master_state()
+            tensors = {k: v.detach().cpu() for k, v in source.items()}
+        out = None
+        if self.groups.rank == 0:
+            if dtype is not None:
+                tensors = {k: v.to(dtype) for k, v in tensors.items()}
+            out = save_dit_weights(WeightsView(tensors), path, metadata={"step": self.step, "ema": ema})
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return out
+
     def resume_if_possible(self) -> bool:
         found = list_checkpoints(self.out_dir) if self.out_dir is not None else []
         if not found:
@@ -254,4 +346,3 @@ class Trainer:
         self.load(found[-1])
         log.info("resumed from %s at step %d", found[-1], self.step)
         return True
-

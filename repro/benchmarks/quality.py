@@ -10,7 +10,9 @@ NVFP4, DMD LoRA students) and scores every variant with weight-free metrics
   ``teacher`` (the AR model, ``steps`` sampler steps) or ``lora`` (the ``steps``-step DMD
   student, LoRA merged before any quantization);
 - ``train_precision``: the teacher's training precision; ``precision``: inference block linears;
-  ``kv_cache``: BF16 or NVFP4 KV storage; ``sink``: attention sink on or off.
+  ``kv_cache``: BF16 or NVFP4 KV storage; ``sink``: attention sink on or off; ``switch``: how
+  the prompt switches at a new shot (``cut``: the multi-shot scene cut; ``recache`` / ``direct``:
+  a continuous switch of a live session with / without the KV re-cache, see impl/session.py).
 
 PSNR/SSIM compare each variant with the reference variant (the BF16 teacher at
 ``reference_steps`` steps, BF16 KV, sink on) from the same noise. Per-block curves are stored
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from impl.modes import PORTABLE_PRECISIONS
+from impl.modes import PORTABLE_PRECISIONS, SwitchMode, choices
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._shared import inference_field, preset_field
 from repro.quality.proxy import PROXY_PRESETS, TRAIN_PRECISIONS
@@ -98,7 +100,7 @@ def _pipeline(system, variant: dict[str, Any], device: torch.device):
 
 
 _REFERENCE = {"model": "teacher", "train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
-              "decoder": "wan", "attention": "sdpa"}
+              "decoder": "wan", "attention": "sdpa", "switch": "cut"}
 
 
 def _is_reference(variant: dict[str, Any], measure: dict[str, Any]) -> bool:
@@ -129,7 +131,7 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
         metrics.update({f"detector_vae_{k}": v for k, v in det["heldout_vae_roundtrip"].items()})
     else:
         pipe = _pipeline(system, variant, device)
-        videos, dit_ms = generate_videos(pipe, evalset)
+        videos, dit_ms = generate_videos(pipe, evalset, variant["switch"])
         frames = sum(v.shape[0] for v in videos)
         fps_key = "dit_fps_shared_gpu" if measure["shared_device"] else "dit_fps"
         metrics[fps_key] = frames / (sum(dit_ms) / 1e3)
@@ -148,8 +150,7 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
 
 def _check(variant: dict[str, Any]) -> None:
     if variant["model"] == "real":
-        defaults = {"train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
-                    "decoder": "wan", "attention": "sdpa"}
+        defaults = {k: v for k, v in _REFERENCE.items() if k != "model"}
         changed = [k for k, v in defaults.items() if variant[k] != v]
         if changed:
             raise ValueError(f"model: 'real' videos are the VAE round trip of the ground truth; {changed} "
@@ -177,42 +178,52 @@ def drift_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
 
 
 def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
+    """Three panels of per-block curves, one line per variant; labels name only the variant keys
+    that differ between the records (``repro.report.short_labels``), so 16+ variants still fit
+    a legend of three columns under the panels."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repro.report import hardware_label, save_figure, variant_labels
-    panels = [("adherence", "prompt adherence"), ("flicker", "temporal flickering (1 = static)"),
-              ("psnr_vs_ref", "PSNR vs BF16 reference (dB)")]
-    labels = variant_labels(records)
-    # One colour per variant, the same in every panel (a panel skips variants without a curve,
-    # e.g. the reference has no PSNR against itself, so the default colour cycle would shift).
+    from repro.report import common_label, hardware_label, save_figure, short_labels
+    panels = [("adherence", "prompt adherence per block (higher is better)"),
+              ("flicker", "temporal flickering score (1 = static)"),
+              ("psnr_vs_ref", "PSNR vs the BF16 reference (dB)")]
+    order = list(QUALITY.variant_fields)
+    labels = short_labels(records, order)
+    # One colour (and marker) per variant, the same in every panel (a panel skips variants without
+    # a curve, e.g. the reference has no PSNR against itself, so the default cycle would shift).
     cmap = matplotlib.colormaps["tab20"]
-    colors = [cmap(k % 20) for k in range(len(records))]
-    legend_in = 0.2 * math.ceil(len(records) / 2)          # two legend columns under the panels
-    fig = Figure(figsize=(15, 4.5 + legend_in))
+    markers = "osD^v<>pPX*h"
+    styles = [(cmap((2 * k) % 20 + (k // 10) % 2), markers[k % len(markers)]) for k in range(len(records))]
+    ncol = 3 if len(records) > 8 else 2
+    legend_in = 0.24 * math.ceil(len(records) / ncol) + 0.3
+    fig = Figure(figsize=(15, 4.6 + legend_in))
     FigureCanvasAgg(fig)
     drew = False
     for k, (name, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         prefix = f"series_{name}_b"
-        for rec, label, color in zip(records, labels, colors):
+        for rec, label, (color, marker) in zip(records, labels, styles):
             pts = sorted((int(key[len(prefix):]), v) for key, v in rec["metrics"].items()
                          if key.startswith(prefix) and isinstance(v, (int, float)))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color, label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=4, lw=1.3, color=color,
+                        label=label)
                 drew = True
-        ax.set_xlabel("AR block")
+        ax.set_xlabel("AR block (time)", fontsize=10)
         ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
     if not drew:
         return False
     presets = ", ".join(sorted({str(r["variant"].get("preset")) for r in records}))
-    fig.suptitle(f"{records[0]['experiment']}: {hardware_label(records[0]['hardware'])}, preset {presets}",
-                 fontsize=11)
-    handles = [Line2D([], [], color=c, marker="o", ms=3, label=lab) for c, lab in zip(colors, labels)]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, (legend_in + 0.2) / (4.5 + legend_in), 1, 1))
+    common = common_label(records, order)
+    fig.suptitle(f"{records[0]['experiment']}: drift over a rollout, {hardware_label(records[0]['hardware'])}, "
+                 f"preset {presets}" + (f" (all lines: {common})" if common else ""), fontsize=11)
+    handles = [Line2D([], [], color=c, marker=m, ms=5, label=lab) for (c, m), lab in zip(styles, labels)]
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / (4.6 + legend_in), 1, 1))
     save_figure(fig, path)
     return True
 
@@ -236,12 +247,15 @@ QUALITY = register(Benchmark(
         "attention": inference_field("attention"),
         "steps": FieldSpec(int, 8, choices=[1, 2, 3, 4, 8, 16]),
         "sink": FieldSpec(bool, True, help="attention sink (first block kept in the KV window)"),
+        "switch": FieldSpec(str, "cut", choices=list(choices(SwitchMode)),
+                            help="prompt switch at a new shot: scene cut, or continuous with / without KV re-cache"),
     },
     measure_fields={**_PROXY_FIELDS, **_EVAL_FIELDS},
     run=run_quality,
     check_variant=_check,
     table_metrics=["q_adherence", "q_adh_color", "q_adh_shape", "q_adh_motion", "q_flicker", "q_smoothness",
-                   "q_fd", "q_kid", "q_shot_consistency", "q_cut_adherence", "q_drift_adherence",
+                   "q_fd", "q_kid", "q_shot_consistency", "q_cut_adherence", "q_switch_adherence", "q_switch_continuity",
+                   "q_drift_adherence",
                    "q_psnr_vs_ref", "q_ssim_vs_ref", "dit_fps"],
     primary_metric="q_adherence",
     extra={"plots": drift_plots},

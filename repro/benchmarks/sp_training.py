@@ -14,7 +14,9 @@ log (``train_log.jsonl``) and the ``--metrics-out`` summary (every rank's peak m
 
 ``data: latents`` trains on pre-encoded random latents (the DiT step alone, as ``train_step``);
 ``data: video`` feeds raw clips through each rank's VAE encoder, SP-chunked with a halo under
-the Balanced layout, so the encode is part of the step.
+the Balanced layout, so the encode is part of the step. ``sharding: fsdp`` (``--sharding
+fsdp``) shards parameters, gradients and AdamW state over all ranks, which the full-depth
+5B model needs on 80 GB GPUs; records from before the field ran ``none``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from impl.modes import DType, SPLayout, TrainPrecision, choices
+from impl.train.config import Sharding
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
@@ -33,15 +36,17 @@ def _check(variant: dict[str, Any]) -> None:
     from impl.train.config import TrainConfig
     from repro.benchmarks.sp_training_cost import check_variant
     check_variant(variant)   # the same shape rules as the analytic model (whole blocks per rank, heads % sp)
-    # dtype x precision as the launched run validates it (quantized formats need bf16), before launching.
-    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"])
+    # dtype x precision (quantized formats need bf16) and offload x sharding as the launched run
+    # validates them, before launching.
+    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"],
+                sharding=variant["sharding"], offload=variant["offload"])
 
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
     """The torchrun command line of one variant."""
     cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.train", "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--sp-layout", variant["sp_layout"], "--frames", str(variant["frames"]),
-           "--dtype", variant["dtype"], "--precision", variant["precision"],
+           "--dtype", variant["dtype"], "--precision", variant["precision"], "--sharding", variant["sharding"],
            "--steps", str(measure["warmup_steps"] + measure["steps"]),
            "--data", "synthetic-latents" if variant["data"] == "latents" else "synthetic-video",
            "--data-length", "8", "--checkpoint-every", "0", "--seed", str(measure["seed"]),
@@ -52,6 +57,8 @@ def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) 
         cmd.append("--compile")
     if not variant["gradient_checkpointing"]:
         cmd.append("--no-gradient-checkpointing")
+    if variant["offload"]:
+        cmd.append("--offload")
     return cmd
 
 
@@ -105,6 +112,10 @@ SP_TRAINING = register(Benchmark(
                           help="latents: DiT step alone; video: the SP VAE encode is part of the step"),
         "gradient_checkpointing": FieldSpec(bool, True, help="per-block activation checkpointing"),
         "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves"),
+        "sharding": FieldSpec(str, "none", choices=list(choices(Sharding)),
+                              help="none = replicated parameters and AdamW; fsdp = FSDP2 shards over all ranks. "
+                                   "Records without it ran none"),
+        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in CPU memory"),
     },
     measure_fields={
         "warmup_steps": FieldSpec(int, 2, min=0, help="optimizer steps before timing (compilation, allocator)"),

@@ -5,7 +5,12 @@ synthetic latents (VAE and text encoder excluded: they are not part of the step 
 compared across precisions). ``precision`` is the format of the block linears (bf16 = not
 quantized), ``dtype`` the compute dtype (the quantized formats train in bf16). ``num_layers`` reduces the depth at full width when the 5B
 model's optimizer state would not fit one GPU; step time scales linearly with depth, the
-GEMM share and the precision ratios do not depend on it. After ``warmup_steps`` (FlexAttention
+GEMM share and the precision ratios do not depend on it. ``sharding: fsdp`` runs the step
+under FSDP2 in a world of one (float32 master shards, BF16 gather, float32 reduce; no
+replicated BF16 copy or master-gradient cast), which is what lets the full 30-layer 5B step
+fit one H200; ``offload`` moves the shards and AdamW to the CPU. Records from before the
+``sharding`` field ran the replicated trainer: a missing ``sharding`` means ``none``.
+After ``warmup_steps`` (FlexAttention
 and quantizer compilation), ``steps`` optimizer steps are timed; one more step runs under
 torch.profiler and its GPU kernel time is split into phases (GEMM, attention, quantization,
 elementwise, ...) with :mod:`repro.profile`'s categories.
@@ -21,15 +26,17 @@ import torch
 
 from impl.config import get_preset
 from impl.modes import DType, TrainAttention, TrainPrecision, choices
-from impl.train.config import TrainConfig
+from impl.train.config import Sharding, TrainConfig
 from impl.train.synthetic import SyntheticLatentSource
 from impl.train.trainer import Trainer
 from repro.benchmark import Benchmark, FieldSpec, register
 
 
 def _check(variant: dict[str, Any]) -> None:
-    """Spec-time check of the fields TrainConfig validates together (quantized formats need bf16)."""
-    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"])
+    """Spec-time check of the fields TrainConfig validates together (quantized formats need
+    bf16, offload needs fsdp)."""
+    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"],
+                sharding=variant["sharding"], offload=variant["offload"])
 
 
 def _profile_step(trainer: Trainer, source, sampler, device: torch.device) -> dict[str, float]:
@@ -54,8 +61,11 @@ def run_train_step(variant: dict[str, Any], measure: dict[str, Any], hardware: d
     cfg = TrainConfig(preset=variant["preset"], num_layers=layers, frames=variant["frames"],
                       dtype=variant["dtype"], precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
                       compile=variant["compile"],
-                      attention_backend=variant["attention_backend"], steps=10**9, ema_start_step=None,
-                      seed=measure["seed"])
+                      attention_backend=variant["attention_backend"], sharding=variant["sharding"],
+                      offload=variant["offload"], steps=10**9, ema_start_step=None, seed=measure["seed"])
+    if cfg.sharding == "fsdp":
+        from impl.parallel.groups import init_single_rank_group
+        init_single_rank_group(device)   # FSDP shards over a device mesh, here a world of one
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -103,6 +113,10 @@ TRAIN_STEP = register(Benchmark(
         "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)"),
         "attention_backend": FieldSpec(str, "auto", choices=list(choices(TrainAttention)),
                                        help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
+        "sharding": FieldSpec(str, "none", choices=list(choices(Sharding)),
+                              help="none = replicated float32 master + AdamW beside BF16 params; fsdp = FSDP2 "
+                                   "shards (a world of one here). Records without it ran none"),
+        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in CPU memory"),
     },
     measure_fields={
         "warmup_steps": FieldSpec(int, 1, min=1, help="untimed steps (compilation, allocator warm-up)"),

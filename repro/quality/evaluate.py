@@ -15,7 +15,10 @@ Scores (all "higher is better" except the distances ``q_fd``/``q_kid``):
   generated videos and of real procedural videos, on the detector's embedding (block feature =
   mean frame embedding plus mean absolute change of the embedding between frames);
 - multi-shot: consistency (the detected colour and shape stay the same from block to block
-  inside a shot) and adherence on the blocks that open a new shot;
+  inside a shot), adherence on the blocks that open a new shot (``q_cut_adherence``) and on the
+  first two blocks of each new shot (``q_switch_adherence``: how soon a prompt switch takes
+  effect), and continuity across a shot boundary (``q_switch_continuity``: PSNR between the
+  last frame before it and the first after; a hard cut is low, a continuous switch high);
 - fidelity to a reference variant from the same noise: PSNR and SSIM;
 - drift: the per-block curves of these scores (``series``) and the change of adherence from
   the first to the last third of the blocks.
@@ -77,11 +80,12 @@ def block_frame_ranges(num_blocks: int, frames_per_block: int, temporal_factor: 
 
 
 @torch.no_grad()
-def generate_videos(pipe, evalset: EvalSet) -> tuple[list[torch.Tensor], list[float]]:
-    """Decoded uint8 videos [T, H, W, 3] of every prompt sequence, and the DiT ms of every block."""
+def generate_videos(pipe, evalset: EvalSet, shot_switch: str = "cut") -> tuple[list[torch.Tensor], list[float]]:
+    """Decoded uint8 videos [T, H, W, 3] of every prompt sequence, and the DiT ms of every block.
+    ``shot_switch``: how a block opening a new shot switches prompts (``impl.modes.SwitchMode``)."""
     videos, dit_ms = [], []
     for prompts, seed in zip(evalset.prompts, evalset.seeds):
-        res = pipe.generate(prompts, seed=seed, decode=True)
+        res = pipe.generate(prompts, seed=seed, decode=True, shot_switch=shot_switch)
         videos.append(M.to_uint8_video(res.frames))
         dit_ms += [t.dit_ms for t in res.timings]
     return videos, dit_ms
@@ -175,14 +179,17 @@ def score_videos(videos: Sequence[torch.Tensor], evalset: EvalSet, detector, rea
     third = max(1, n_blocks // 3)
     early = [x for row in adherence for x in row[:third]]
     late = [x for row in adherence for x in row[-third:]]
-    consistent, cut_adh = [], []
+    consistent, cut_adh, switch_adh, continuity = [], [], [], []
     for k, p in enumerate(per):
         shots = evalset.shot[k]
         for j in range(1, n_blocks):
             if shots[j] == shots[j - 1]:
                 consistent.append(float(p.ident[j] == p.ident[j - 1]))
-            else:
-                cut_adh.append(adherence[k][j])
+                continue
+            cut_adh.append(adherence[k][j])
+            switch_adh += [adherence[k][i] for i in range(j, min(j + 2, n_blocks)) if shots[i] == shots[j]]
+            last, first = ranges[j - 1][1] - 1, ranges[j][0]
+            continuity.append(M.psnr(videos[k][last:last + 1], videos[k][first:first + 1]))
     out = {
         "q_adherence": _mean(flat(adherence)),
         "q_adh_color": _mean(flat(column("color"))),
@@ -195,6 +202,8 @@ def score_videos(videos: Sequence[torch.Tensor], evalset: EvalSet, detector, rea
         "q_kid": M.kernel_distance(feats, real_features),
         "q_shot_consistency": _mean(consistent),
         "q_cut_adherence": _mean(cut_adh),
+        "q_switch_adherence": _mean(switch_adh),
+        "q_switch_continuity": _mean([min(c, 100.0) for c in continuity]),   # identical frames: inf -> 100 dB
         "q_drift_adherence": _mean(late) - _mean(early),
     }
     if reference is not None:

@@ -1,0 +1,293 @@
+"""User mistakes and interruptions (issue 19): one-line errors naming the file or field, exit
+codes, Ctrl-C stopping a run at once, output paths checked before any model is built, and the
+`dirty` flag ignoring the harness's own outputs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import repro.benchmark as registry
+from test_repro_helpers import FAKE, gemm_spec, write_spec
+from repro.cli import build_parser, main
+from repro.records import git_state, load_records, output_dir_problem
+from repro.runner import run_spec
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+@pytest.fixture
+def interrupting(monkeypatch):
+    """The fake benchmark's run function, replaced by one that counts its calls and raises
+    ``calls.exc`` (KeyboardInterrupt unless a test sets another)."""
+    calls = []
+
+    def run(variant, measure, hw):
+        calls.append(variant["mode"])
+        raise calls_exc[0]
+
+    calls_exc = [KeyboardInterrupt()]
+    bench = registry.get_benchmark(FAKE)
+    monkeypatch.setitem(registry._REGISTRY, FAKE, dataclasses.replace(bench, run=run))
+    return calls, calls_exc
+
+
+def test_ctrl_c_stops_run_spec_at_once(tmp_path, interrupting):
+    calls, _ = interrupting
+    spec = write_spec(tmp_path / "s.yaml", sweep={"mode": ["ok", "other", "boom"]})
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False)
+    assert calls == ["ok"]                         # no further variant ran
+    assert load_records(tmp_path / "r") == []
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, interrupting, wrapped):
+    calls, exc = interrupting
+    if wrapped:   # library code that turns Ctrl-C into another error still stops the run
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            err = RuntimeError("decode failed")
+            err.__cause__ = ki
+            exc[0] = err
+    spec = write_spec(tmp_path / "s.yaml", sweep={"mode": ["ok", "other", "boom"]})
+    assert main(["run", str(spec), "--results", str(tmp_path / "r"), "--device", "cpu", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert len(calls) == 1
+
+
+def test_train_cli_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
+    import impl.parallel.groups as groups
+    from impl.train.__main__ import main as train_main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(groups, "init_distributed", interrupted)
+    assert train_main(["--preset", "tiny", "--data", "synthetic-latents", "--out", str(tmp_path / "o"),
+                       "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted"
+
+
+def test_distill_cli_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
+    import impl.parallel.groups as groups
+    from impl.train.distill import main as distill_main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(groups, "init_distributed", interrupted)
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"")
+    assert distill_main(["--teacher", str(teacher), "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+# ---------------------------------------------------------------- output paths, checked first
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """Fail the test if the fake benchmark (or any model) is run."""
+    def run(variant, measure, hw):
+        raise AssertionError("a variant ran although the output path is unusable")
+
+    bench = registry.get_benchmark(FAKE)
+    monkeypatch.setitem(registry._REGISTRY, FAKE, dataclasses.replace(bench, run=run))
+
+
+def _one_line_error(capsys, *parts: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for p in parts:
+        assert p in err, (p, err)
+    return err
+
+
+def test_results_folder_blocked_by_a_file(tmp_path, capsys, no_runs):
+    spec = write_spec(tmp_path / "s.yaml")
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    args = ["run", str(spec), "--device", "cpu", "--no-progress", "--results"]
+    assert main([*args, str(blocker)]) == 2
+    _one_line_error(capsys, "--results", str(blocker), "is not a folder")
+    assert main([*args, str(blocker / "sub")]) == 2
+    _one_line_error(capsys, "--results", "is a file, not a folder")
+
+
+def test_results_folder_not_writable(tmp_path, capsys, no_runs, monkeypatch):
+    spec = write_spec(tmp_path / "s.yaml")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kw):   # what a read-only folder or mount answers
+        if dir is not None and Path(dir) == ro:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["run", str(spec), "--device", "cpu", "--no-progress", "--results", str(ro / "res")]) == 2
+    _one_line_error(capsys, "--results", "not writable", "Permission denied")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write read-only folders")
+def test_results_folder_read_only_by_mode(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert "not writable" in output_dir_problem(ro / "res")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_profile_out_checked_before_building(tmp_path, capsys, monkeypatch):
+    import impl.inference.build as build
+
+    def never(*a, **k):
+        raise AssertionError("the model was built although --out is unusable")
+
+    monkeypatch.setattr(build, "build_pipeline", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["profile", "--preset", "tiny", "--out", str(blocker / "p.json")]) == 2
+    _one_line_error(capsys, "--out", "is a file, not a folder")
+    (tmp_path / "d.json").mkdir()
+    assert main(["profile", "--preset", "tiny", "--out", str(tmp_path / "d.json")]) == 2
+    _one_line_error(capsys, "--out", "is a folder, not a file")
+    assert main(["profile", "--preset", "tiny", "--top", "0"]) == 2
+    _one_line_error(capsys, "--top")
+
+
+def test_train_and_distill_out_checked_before_building(tmp_path, capsys, monkeypatch):
+    import impl.parallel.groups as groups
+    from impl.train.__main__ import main as train_main
+    from impl.train.distill import main as distill_main
+
+    def never(*args, **kwargs):
+        raise AssertionError("distributed set-up / model building started although --out is unusable")
+
+    monkeypatch.setattr(groups, "init_distributed", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        assert train_main(["--preset", "tiny", "--data", "synthetic-latents", "--out", str(out)]) == 2
+        _one_line_error(capsys, "--out", str(out))
+        assert distill_main(["--teacher", str(blocker), "--out", str(out)]) == 2
+        _one_line_error(capsys, "--out", str(out))
+    assert train_main(["--preset", "tiny", "--data", "synthetic-latents", "--out", str(tmp_path / "ok"),
+                       "--metrics-out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--metrics-out", "is a folder, not a file")
+
+
+# ---------------------------------------------------------------- specs and filters
+
+def test_missing_spec_name_points_to_the_list(tmp_path, capsys):
+    assert main(["run", "nosuchspec", "--results", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "'nosuchspec' does not exist", "python -m repro specs")
+    assert main(["run", str(tmp_path / "nope.yaml"), "--results", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "nope.yaml", "no such file", "python -m repro specs")
+    assert main(["specs", "--dir", str(tmp_path / "none")]) == 2
+    _one_line_error(capsys, "--dir", "no such folder")
+
+
+def test_only_value_that_matches_nothing_lists_the_values(tmp_path, capsys):
+    spec = gemm_spec(tmp_path / "g.yaml")
+    base = ["run", str(spec), "--results", str(tmp_path / "r"), "--device", "cpu", "--no-progress"]
+    assert main([*base, "--only", "k=99"]) == 2
+    _one_line_error(capsys, "--only k=99", "values of k: 16, 32")
+    assert main([*base, "--exclude", "k=7"]) == 2
+    _one_line_error(capsys, "--exclude k=7", "values of k: 16, 32")
+    assert main([*base, "--only", "nope=1"]) == 2
+    _one_line_error(capsys, "--only nope", "unknown variant key")
+    assert not (tmp_path / "r").exists()
+
+
+def _subcommand_actions():
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if not isinstance(action, argparse._HelpAction):
+                yield name, action
+
+
+# The subcommands whose flags the harness declares here (repro/cli.py, repro/profile.py with the
+# inference flags of impl/inference/config.py); `generate` and `serve` declare their own.
+_CHECKED = {"run", "report", "hardware", "specs", "profile"}
+
+
+def test_every_option_has_help_with_its_default():
+    missing = []
+    for name, action in _subcommand_actions():
+        flag = (action.option_strings or [action.dest])[0]
+        if name not in _CHECKED or not action.option_strings:
+            continue
+        text = action.help or ""
+        if not text or not ("default" in text or action.required):
+            missing.append(f"{name} {flag}")
+        # argparse lists the choices itself ("--device {cpu,cuda}") unless a metavar hides them
+        if action.choices and action.metavar and not all(str(c) in text for c in action.choices):
+            missing.append(f"{name} {flag}: allowed values")
+    assert not missing, missing
+
+
+# ---------------------------------------------------------------- dirty flag
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def test_dirty_ignores_harness_outputs(tmp_path):
+    root = tmp_path / "repo"
+    for rel in ("code.py", "results/exp/cpu/a.json", "results/tables/exp.md", ".cache/quality/x.txt",
+                ".benchmarks/b.json", "out/rec.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("v1\n")
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    assert git_state(root) == {"commit": git_state(root)["commit"], "dirty": False}
+    # A run rewrites committed records, tables and caches: still clean.
+    for rel in ("results/exp/cpu/a.json", "results/tables/exp.md", ".cache/quality/x.txt", ".benchmarks/b.json"):
+        (root / rel).write_text("v2\n")
+    assert git_state(root)["dirty"] is False
+    # A --results folder elsewhere in the tree is excluded when the run names it.
+    (root / "out/rec.json").write_text("v2\n")
+    assert git_state(root)["dirty"] is True
+    assert git_state(root, exclude=(root / "out",))["dirty"] is False
+    # A code change is dirty.
+    (root / "code.py").write_text("v2\n")
+    assert git_state(root, exclude=(root / "out",))["dirty"] is True
+
+
+def test_later_specs_of_make_reproduce_stay_clean(tmp_path, monkeypatch):
+    """`make reproduce` runs several specs; the first rewrites committed records (new timestamps),
+    which must not mark the second spec's records dirty."""
+    import repro.runner as runner
+
+    root = tmp_path / "repo"
+    (root / "results").mkdir(parents=True)
+    (root / "code.py").write_text("x\n")
+    first = write_spec(root / "a.yaml", sweep={"speed": [1.0, 2.0]})
+    second = write_spec(root / "b.yaml", name="fake_exp_b", sweep={"speed": [3.0]})
+    for spec in (first, second):
+        run_spec(spec, results_dir=root / "results", device="cpu", progress=False)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "records committed")
+    monkeypatch.setattr(runner, "git_state", lambda exclude=(): git_state(root, exclude))
+    for spec in (first, second):   # what `make reproduce` does
+        run_spec(spec, results_dir=root / "results", device="cpu", progress=False)
+    recs = load_records(root / "results")
+    assert len(recs) == 3 and [r["dirty"] for r in recs] == [False, False, False]
