@@ -46,3 +46,13 @@ def _cpu_threads(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """``dirty`` as the harness counts it (repro.records.git_state): the run's own outputs under
+    results/ do not count, so a `make bench` after other specs wrote records stays clean."""
+    from repro.records import git_state
+
+    state = git_state()
+    if state["dirty"] is not None:
+        commit_info["dirty"] = state["dirty"]

@@ -38,6 +38,9 @@ ScaleRule = Literal["static_6", "static_4", "mse", "mae", "abs_max"]   # NVFP4 b
 Sampler = Literal["unipc", "euler"]
 SPLayout = Literal["balanced", "naive"]            # teacher-forcing token layout under SP
 TrainAttention = Literal["auto", "dense", "flex"]  # masked attention core of training forwards
+# Training state over the ranks: none = replicated on every rank (float32 master copy + AdamW
+# beside BF16 parameters); fsdp = FSDP2 over the flattened dp x sp mesh (impl.parallel.fsdp).
+Sharding = Literal["none", "fsdp"]
 # A prompt switch in a live session: scene cut; continuous with the KV re-cache; text K/V only.
 SwitchMode = Literal["recache", "cut", "direct"]
 

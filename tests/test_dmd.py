@@ -95,6 +95,29 @@ def test_two_dp_ranks_match_one_process_with_the_whole_batch():
             torch.testing.assert_close(critic[k], v, rtol=1e-9, atol=1e-12, msg=k)
 
 
+def _fsdp_step(rank, world):
+    from impl.parallel.fsdp import gather_lora_state_dict
+    tr = _trainer(groups=build_groups(1), sharding="fsdp")
+    stats = tr.train_step(PROMPTS)
+    return stats, gather_lora_state_dict(tr.student), gather_lora_state_dict(tr.critic)
+
+
+def test_fsdp_sharded_dmd_matches_one_replicated_process():
+    """Two ranks, teacher / student / critic sharded over both (FSDP2, float64 masters): the
+    step's losses, gradient norms and updated LoRA tensors equal one process with the batch."""
+    ref = _trainer(batch=2)
+    ref_stats = ref.train_step(PROMPTS)
+    ref_s, ref_c = lora_state_dict(ref.student), lora_state_dict(ref.critic)
+    for stats, student, critic in run_distributed(_fsdp_step, 2):
+        for k in ("critic_grad_norm", "generator_grad_norm"):
+            assert stats[k] == pytest.approx(ref_stats[k], rel=1e-9), k
+        assert set(student) == set(ref_s) and set(critic) == set(ref_c)
+        for k, v in ref_s.items():
+            torch.testing.assert_close(student[k], v, rtol=1e-9, atol=1e-12, msg=k)
+        for k, v in ref_c.items():
+            torch.testing.assert_close(critic[k], v, rtol=1e-9, atol=1e-12, msg=k)
+
+
 def test_config_errors():
     with pytest.raises(Exception, match="t_min"):
         DMDConfig(t_min=990, t_max=980)
@@ -123,6 +146,16 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
                     "--no-progress"]) == 0
     spec, meta = read_lora_metadata(out / "student_lora.safetensors")
     assert spec.rank == 4 and meta["training_steps"] == "2" and meta["role"] == "student"
+    # --sharding fsdp in one process (a world of one): the same LoRA, gathered from the shards
+    assert distill(["--teacher", str(ckpt), "--sampling-steps", "2", "--iters", "2", "--blocks", "2",
+                    "--lora-rank", "4", "--lora-alpha", "4", "--gen-update-every", "1", "--sharding", "fsdp",
+                    "--out", str(tmp_path / "dmd_fsdp"), "--no-progress"]) == 0
+    assert not torch.distributed.is_initialized()
+    from safetensors.torch import load_file
+    plain, sharded = (load_file(d / "student_lora.safetensors") for d in (out, tmp_path / "dmd_fsdp"))
+    assert set(plain) == set(sharded)
+    for k in plain:
+        torch.testing.assert_close(sharded[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
     for quant in ("bf16", "fp8"):
         assert repro_main(["generate", "--shot", "a red ball::2", "--dit", str(ckpt / "model.safetensors"),
                            "--lora", str(out / "student_lora.safetensors"), "--steps", "2", "--precision", quant,

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import yaml
 
 from impl.config import PRESETS, ConfigError
-from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, choices
-from impl.train.config import LEGACY_DTYPE_PRECISIONS, Sharding, TrainConfig, upgrade_config_dict
+from impl.modes import DType, Sharding, SPLayout, TrainAttention, TrainPrecision, choices
+from impl.train.config import LEGACY_DTYPE_PRECISIONS, TrainConfig, upgrade_config_dict
 
 # TrainConfig field -> (type of its --flag, help, Literal of its allowed values or None). The
 # flags default to None (unset: the --config file's value, else TrainConfig's default, which

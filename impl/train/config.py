@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from impl.config import ConfigError, PRESETS, _require
-from impl.modes import DType, SPLayout, TrainAttention, TrainPrecision, check_choice, choices
-
-# How parameters, gradients and optimizer state are laid out over the ranks:
-# none = replicated on every rank (float32 master copy + AdamW beside BF16 parameters);
-# fsdp = FSDP2 over the flattened dp x sp mesh (impl.parallel.fsdp).
-Sharding = Literal["none", "fsdp"]
+from impl.modes import DType, Sharding, SPLayout, TrainAttention, TrainPrecision, check_choice, choices
 
 # Before dtype had its own field, ``precision`` also named the compute dtype: these are its
 # old values that are dtypes and not block-linear formats (fp32, fp64).

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from impl.config import PRESETS, ConfigError
-from impl.modes import DType, choices
+from impl.modes import DType, Sharding, choices
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,8 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="text file: one video per line, block prompts split by ' | ' "
                          "(default: the synthetic data's multi-shot captions)")
     ap.add_argument("--text-encoder", help="umT5 folder (default: the preset's random encoder)")
+    ap.add_argument("--sharding", default="none", choices=choices(Sharding),
+                    help="none: teacher, student and critic replicated on every rank; fsdp: the three sharded "
+                         "over all ranks with FSDP2 (frozen base weights in --dtype, LoRA masters in float32) "
+                         "(default: none)")
     ap.add_argument("--save-every", type=int, default=50, help="iterations between LoRA saves (default: 50)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the prompts (default: 0)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rollouts, the prompts and the LoRA initialisation (default: 0)")
     ap.add_argument("--out", required=True, type=Path, help="folder of the LoRA files and the log (required)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on rank 0)")
     return ap.parse_args(argv)
@@ -119,6 +123,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from impl.model.checkpoint import load_dit_weights
     from impl.model.dit import CausalWanDiT
     from impl.model.text_encoder import TextEncoder
+    from impl.parallel.fsdp import gather_lora_state_dict
     from impl.parallel.groups import build_groups, init_distributed
     from impl.train.synthetic import SyntheticVideoSource
     from impl.train.dmd import DMDConfig, DMDTrainer
@@ -127,7 +132,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         preset = get_preset(args.preset)
         cfg = DMDConfig(steps=args.sampling_steps, real_guidance_scale=args.guidance_scale,
-                        gen_update_every=args.gen_update_every, lr=args.lr, lr_critic=args.lr_critic, seed=args.seed)
+                        gen_update_every=args.gen_update_every, lr=args.lr, lr_critic=args.lr_critic, seed=args.seed,
+                        sharding=args.sharding)
         spec = LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha)
         videos = read_prompt_file(args.prompts, args.blocks) if args.prompts else None
         if not args.teacher.exists():
@@ -135,13 +141,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank, _, device = init_distributed()
+    rank, _, device = init_distributed(single_rank_group=args.sharding == "fsdp")
     groups = build_groups(1)
     dtype = torch_dtype(args.dtype)
     teacher = CausalWanDiT(preset.dit, device=device, dtype=dtype)
     load_dit_weights(teacher, _teacher_file(args.teacher))
     teacher.requires_grad_(False).eval()
     base_hash = base_fingerprint(teacher)
+    torch.manual_seed(args.seed)   # peft draws LoRA A from the global generator: same --seed, same LoRA
     student = add_lora(copy.deepcopy(teacher), spec)
     critic = add_lora(copy.deepcopy(teacher), spec)
     text = TextEncoder.from_pretrained(args.text_encoder, dtype=dtype, device=device) if args.text_encoder else \
@@ -155,13 +162,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
+        # Sharded LoRA tensors are gathered by every rank (collective); rank 0 writes.
+        states = [gather_lora_state_dict(m) if cfg.sharding == "fsdp" else None for m in (student, critic)]
         if rank != 0:
             return
         meta = {"sampling_steps": cfg.steps, "teacher": str(args.teacher), "preset": args.preset}
         save_lora(args.out / "student_lora.safetensors", student, spec, steps=step, base_hash=base_hash,
-                  extra={**meta, "role": "student"})
+                  extra={**meta, "role": "student"}, state=states[0])
         save_lora(args.out / "critic_lora.safetensors", critic, spec, steps=step, base_hash=base_hash,
-                  extra={**meta, "role": "critic"})
+                  extra={**meta, "role": "critic"}, state=states[1])
 
     log = args.out / "distill_log.jsonl"
     for it in tqdm(range(args.iters), desc="distill", disable=args.no_progress or rank != 0):

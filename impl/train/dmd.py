@@ -16,6 +16,12 @@ score: base + its own LoRA). Per step:
 Score networks see the whole clip under the block-causal mask with the same RoPE positions
 (shots included) as the rollout. Randomness is a function of (seed, step, sample), so DP
 ranks that each hold part of a batch reproduce the single-process batch.
+
+``sharding="fsdp"`` shards the three networks over the ranks with FSDP2
+(:func:`impl.parallel.fsdp.shard_for_lora`): the frozen base weights, the memory that matters,
+in the compute dtype, the LoRA tensors as float32 masters; gradients are reduced in the
+backward instead of by ``sync_gradients``. Save LoRA files from
+:func:`impl.parallel.fsdp.gather_lora_state_dict` (collective).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from impl.inference.build import dtype_name, pipeline_for_model
 from impl.inference.config import InferenceConfig
 from impl.model.dit import CausalWanDiT
 from impl.model.masks import block_visibility_mask
+from impl.modes import Sharding, check_choice
 from impl.parallel.gradients import sync_gradients
 from impl.parallel.groups import ParallelGroups, single_process
 from impl.train.flow import FlowSchedule, shared_generator
@@ -56,6 +63,7 @@ class DMDConfig:
     batch_size: int = 1                # clips per rank
     negative_prompt: str = ""
     seed: int = 0
+    sharding: Sharding = "none"        # none = replicated; fsdp = the three networks sharded (FSDP2)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "DMDConfig.steps", "must be >= 1")
@@ -63,6 +71,7 @@ class DMDConfig:
         _require(0 <= self.t_min < self.t_max <= 1000, "DMDConfig.t_min/t_max", "need 0 <= t_min < t_max <= 1000")
         _require(self.batch_size >= 1, "DMDConfig.batch_size", "must be >= 1")
         _require(self.lr > 0 and self.lr_critic > 0, "DMDConfig.lr", "learning rates must be > 0")
+        check_choice(self.sharding, Sharding, "DMDConfig.sharding")
 
 
 TextEmbedder = Callable[[str], torch.Tensor]   # prompt -> [1, L, text_dim]
@@ -84,8 +93,20 @@ class DMDTrainer:
         self.preset = self.pipe.preset
         self.schedule = FlowSchedule(self.preset.stream.shift)
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_student = MasterWeightAdamW(student.named_parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
-        self.opt_critic = MasterWeightAdamW(critic.named_parameters(), lr=cfg.lr_critic, betas=betas, weight_decay=0.0)
+        if cfg.sharding == "fsdp":
+            from impl.parallel.fsdp import shard_for_lora
+            from impl.train.optim import ShardedAdamW
+            compute = student.dtype   # read before sharding: afterwards the LoRA shards are float32
+            plans = [shard_for_lora(m, self.groups, self.device, compute_dtype=compute)
+                     for m in (teacher, student, critic)]
+            self.opt_student = ShardedAdamW(student.named_parameters(), plans[1], lr=cfg.lr, betas=betas,
+                                            weight_decay=0.0)
+            self.opt_critic = ShardedAdamW(critic.named_parameters(), plans[2], lr=cfg.lr_critic, betas=betas,
+                                           weight_decay=0.0)
+        else:
+            self.opt_student = MasterWeightAdamW(student.named_parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
+            self.opt_critic = MasterWeightAdamW(critic.named_parameters(), lr=cfg.lr_critic, betas=betas,
+                                                weight_decay=0.0)
         self._masks: dict[int, torch.Tensor] = {}
         self.step = 0
 
@@ -166,18 +187,22 @@ class DMDTrainer:
         return torch.nn.functional.mse_loss(v, eps - x_gen)
 
     # ---- one step -------------------------------------------------------------------------
+    def _reduce_gradients(self, model: CausalWanDiT) -> None:
+        if self.cfg.sharding == "none":   # FSDP reduce-scattered them in the backward already
+            sync_gradients([p for p in model.parameters() if p.requires_grad], self.groups)
+
     def train_step(self, prompts: Sequence[str]) -> dict[str, float]:
         """Critic update every step; student update every ``gen_update_every`` steps."""
         step, stats = self.step, {}
         loss_c = self.critic_loss(prompts, step)
         loss_c.backward()
-        sync_gradients([p for p in self.critic.parameters() if p.requires_grad], self.groups)
+        self._reduce_gradients(self.critic)
         stats["critic_loss"] = float(loss_c.detach())
         stats["critic_grad_norm"] = self.opt_critic.step(self.cfg.grad_clip)
         if step % self.cfg.gen_update_every == 0:
             loss_g, extra = self.generator_loss(prompts, step)
             loss_g.backward()
-            sync_gradients([p for p in self.student.parameters() if p.requires_grad], self.groups)
+            self._reduce_gradients(self.student)
             stats.update(extra, generator_loss=float(loss_g.detach()), generator_grad_norm=self.opt_student.step(self.cfg.grad_clip))
         self.step += 1
         return stats

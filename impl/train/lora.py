@@ -245,9 +245,13 @@ def base_fingerprint(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- files
 
 def save_lora(path: str | os.PathLike, model: nn.Module, spec: LoraSpec | None = None, *, steps: int,
-              base_hash: str, extra: dict | None = None, adapter_name: str | None = None) -> Path:
+              base_hash: str, extra: dict | None = None, adapter_name: str | None = None,
+              state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA tensors of ``model`` (in their own dtype) and metadata to a safetensors
     file, atomically (temp file in the same folder, then ``os.replace``).
+
+    ``state``: the LoRA tensors to write instead of ``lora_state_dict(model)``; an FSDP-sharded
+    model passes :func:`impl.parallel.fsdp.gather_lora_state_dict` (its own tensors are shards).
 
     ``spec`` defaults to the spec read from the model's LoRA layers; a given ``spec`` must
     agree with them. ``base_hash`` is :func:`base_fingerprint` of the base weights the LoRA
@@ -280,7 +284,12 @@ def save_lora(path: str | os.PathLike, model: nn.Module, spec: LoraSpec | None =
         if not isinstance(k, str) or k in RESERVED_KEYS:
             raise LoraError(f"save_lora: extra key {k!r} is reserved or not a string")
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    if state is None:
+        state = lora_state_dict(model, adapter_name)
+        if any(type(v).__name__ == "DTensor" for v in state.values()):
+            raise LoraError("save_lora: the model is sharded (FSDP); pass "
+                            "state=impl.parallel.fsdp.gather_lora_state_dict(model), called on every rank")
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from impl.modes import DType, SPLayout, TrainPrecision, choices
-from impl.train.config import Sharding
+from impl.modes import DType, Sharding, SPLayout, TrainPrecision, choices
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from impl.config import get_preset
-from impl.modes import DType, TrainAttention, TrainPrecision, choices
-from impl.train.config import Sharding, TrainConfig
+from impl.modes import DType, Sharding, TrainAttention, TrainPrecision, choices
+from impl.train.config import TrainConfig
 from impl.train.synthetic import SyntheticLatentSource
 from impl.train.trainer import Trainer
 from repro.benchmark import Benchmark, FieldSpec, register
