@@ -19,7 +19,7 @@ ranks that each hold part of a batch reproduce the single-process batch.
 
 ``sharding="fsdp"`` shards the three networks over the ranks with FSDP2
 (:func:`impl.parallel.fsdp.shard_for_lora`): the frozen base weights, the memory that matters,
-in the compute dtype, the LoRA tensors as float32 masters; gradients are reduced in the
+in the compute dtype, the LoRA tensors as masters (float32; float64 for fp64); gradients are reduced in the
 backward instead of by ``sync_gradients``. Save LoRA files from
 :func:`impl.parallel.fsdp.gather_lora_state_dict` (collective).
 """
