@@ -53,3 +53,28 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> Path:
     """Serialise first (an unserialisable value fails before the disk is touched), then write
     atomically; returns the final path."""
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | None:
+    """Why ``path`` (a folder, or a file when ``folder`` is False) cannot be written, or None.
+
+    Creates nothing: the nearest existing ancestor must be a folder this process may write
+    (probed with a temporary file, so read-only mounts and permissions both show up). Every
+    output check (``--out``, ``--results``) goes through here, before any model is built."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    if not folder and path.is_dir():
+        return f"{path} is a folder, not a file"
+    probe = path if folder else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"cannot create {path}: {probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+    except OSError as exc:
+        return f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None

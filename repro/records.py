@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from impl.io import write_json
+from impl.io import output_problem, write_json
 from repro.errors import HarnessError
 from repro.hardware import hardware_tag
 
@@ -68,37 +66,13 @@ def git_state(root: str | Path = REPO_ROOT, exclude: tuple[str | Path, ...] = ()
 
 
 def output_dir_problem(path: str | Path) -> str | None:
-    """Why the folder ``path`` cannot be created or written, or None if it can.
-
-    Nothing is created: the nearest existing ancestor must be a folder this process may write
-    (probed with a temporary file, so read-only mounts and permissions both show up)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        return f"{p} exists and is not a folder"
-    probe = p
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"cannot create {p}: {probe} is a file, not a folder"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
-    except OSError as exc:
-        return f"cannot write {p}: {probe} is not writable ({exc.strerror or exc})"
-    os.close(fd)
-    os.unlink(tmp)
-    return None
+    """Why the folder ``path`` cannot be created or written, or None (``impl.io.output_problem``)."""
+    return output_problem(path, folder=True)
 
 
 def output_file_problem(path: str | Path) -> str | None:
-    """Why the file ``path`` cannot be written, or None if it can (its folder as above)."""
-    p = Path(path)
-    if p.is_dir():
-        return f"{p} is a folder, not a file"
-    if p.parent.exists() and not p.parent.is_dir():
-        return f"cannot create {p}: {p.parent} is a file, not a folder"
-    return output_dir_problem(p.parent)
+    """Why the file ``path`` cannot be written, or None (``impl.io.output_problem``)."""
+    return output_problem(path, folder=False)
 
 
 def check_output_dir(path: str | Path, flag: str) -> Path:

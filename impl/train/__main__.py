@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import yaml
 
 from impl.config import PRESETS, ConfigError
+from impl.io import output_problem
 from impl.modes import DType, Sharding, SPLayout, TrainAttention, TrainPrecision, choices
 from impl.train.config import LEGACY_DTYPE_PRECISIONS, TrainConfig, upgrade_config_dict
 
@@ -152,33 +153,10 @@ def build_source(args, cfg, preset):
     return VideoFolderDataset(args.data, cfg.frames, fpb, h, w, seed=cfg.seed)
 
 
-def _output_problem(path: Path, *, folder: bool) -> str | None:
-    """Why ``path`` (a folder, or a file when ``folder`` is False) cannot be written, or None.
-    Creates nothing: the nearest existing ancestor must be a folder this process can write to."""
-    import os
-    import tempfile
-    if folder and path.exists() and not path.is_dir():
-        return f"{path} exists and is not a folder"
-    if not folder and path.is_dir():
-        return f"{path} is a folder, not a file"
-    probe = path if folder else path.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"cannot create {path}: {probe} is a file, not a folder"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
-    except OSError as exc:
-        return f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})"
-    os.close(fd)
-    os.unlink(tmp)
-    return None
-
-
 def check_outputs(args: argparse.Namespace) -> None:
     """--out / --metrics-out must be writable: checked before any model is built (ConfigError)."""
     for flag, path, folder in (("--out", args.out, True), ("--metrics-out", args.metrics_out, False)):
-        problem = None if path is None else _output_problem(path, folder=folder)
+        problem = None if path is None else output_problem(path, folder=folder)
         if problem is not None:
             raise ConfigError(f"{flag} {path}: {problem}")
 

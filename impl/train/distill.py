@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from impl.config import PRESETS, ConfigError
+from impl.io import output_problem
 from impl.modes import DType, Sharding, choices
 
 
@@ -80,26 +81,6 @@ def _teacher_file(path: Path) -> Path:
     return path / "model.safetensors" if (path / "model.safetensors").is_file() else path
 
 
-def _out_problem(path: Path) -> str | None:
-    """Why the folder ``path`` cannot be created or written, or None (creates nothing)."""
-    import os
-    import tempfile
-    if path.exists() and not path.is_dir():
-        return f"{path} exists and is not a folder"
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"cannot create {path}: {probe} is a file, not a folder"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
-    except OSError as exc:
-        return f"cannot write {path}: {probe} is not writable ({exc.strerror or exc})"
-    os.close(fd)
-    os.unlink(tmp)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
     try:
@@ -111,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = _out_problem(args.out)
+    problem = output_problem(args.out)
     if problem is not None:   # before any model is built
         print(f"error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
