@@ -78,3 +78,11 @@ def finish_gpu_run(metrics: dict[str, Any], device: Any) -> dict[str, Any]:
     if getattr(device, "type", device) == "cuda":
         torch.cuda.empty_cache()
     return metrics
+
+
+def vae_device_for(mode: str, device: Any) -> str | None:
+    """``vae_mode: device`` decodes on a second GPU when there is one, else on the CPU."""
+    import torch
+    if mode != "device":
+        return None
+    return "cuda:1" if device.type == "cuda" and torch.cuda.device_count() > 1 else "cpu"

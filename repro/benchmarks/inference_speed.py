@@ -26,21 +26,14 @@ from impl.memory import module_bytes
 from impl.pipeline import BlockTiming
 from impl.quant.apply import block_linear_bytes, resolve_mode
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field
+from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field, vae_device_for
 from repro.roofline import measure_peak_rates, roofline_fps
 from repro.timing import percentile
 
 
-def _vae_device(mode: str, device: torch.device) -> str | None:
-    """``device`` mode decodes on a second GPU when there is one, else on the CPU."""
-    if mode != "device":
-        return None
-    return "cuda:1" if device.type == "cuda" and torch.cuda.device_count() > 1 else "cpu"
-
-
 def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(hardware["device"])
-    cfg = InferenceConfig.from_variant(variant, vae_device=_vae_device(variant["vae_mode"], device))
+    cfg = InferenceConfig.from_variant(variant, vae_device=vae_device_for(variant["vae_mode"], device))
     preset = cfg.stream_preset
     if device.type == "cuda":
         torch.cuda.empty_cache()

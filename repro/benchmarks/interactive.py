@@ -30,21 +30,15 @@ from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
 from impl.modes import SwitchMode, choices
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field
+from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field, vae_device_for
 
 PROMPTS = ("a red fox runs through fresh snow", "a grey owl glides over a frozen lake",
            "a lighthouse on a cliff in a storm", "a paper boat drifts down a rainy street")
 
 
-def _vae_device(mode: str, device: torch.device) -> str | None:
-    if mode != "device":
-        return None
-    return "cuda:1" if device.type == "cuda" and torch.cuda.device_count() > 1 else "cpu"
-
-
 def run_interactive(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(hardware["device"])
-    cfg = InferenceConfig.from_variant(variant, vae_device=_vae_device(variant["vae_mode"], device))
+    cfg = InferenceConfig.from_variant(variant, vae_device=vae_device_for(variant["vae_mode"], device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
