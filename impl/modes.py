@@ -25,15 +25,18 @@ Precision = Literal["bf16", "fp8", "nvfp4", "nvfp4_emulated", "nvfp4_weight_only
 PORTABLE_PRECISIONS = ("bf16", "fp8", "nvfp4_emulated", "nvfp4_weight_only")
 # Formats that train (weight-only NVFP4 has no backward).
 TrainPrecision = Literal["bf16", "fp8", "nvfp4_emulated", "nvfp4_te"]
-KVStorage = Literal["bf16", "nvfp4"]              # KV-cache storage (bf16 = the compute dtype)
+KVStorage = Literal["bf16", "fp8", "nvfp4"]       # KV-cache storage (bf16 = the compute dtype)
 KVExchange = Literal["auto", "plain", "nvfp4"]     # how K/V cross the SP all-to-all
 VAEMode = Literal["sync", "stream", "device"]      # where a block's VAE decode runs
 # Video decoder: the full Wan2.2 VAE, MG-LightVAE pruned at 50% / 75% of every width, or the
 # tiny TAEHV-architecture decoder (impl/model/decoders.py).
 Decoder = Literal["wan", "lightvae_p50", "lightvae_p75", "tae"]
+# How decoded frames reach the caller: float32 [-1, 1], or uint8 [0, 255] converted on the GPU
+# (a quarter of the bytes over the host copy; what video files store).
+FrameFormat = Literal["float32", "uint8"]
 DecoderLatents = Literal["raw", "normalized"]      # the latent space a tiny decoder file expects
 # Kernel of KV-cached self-attention (impl/model/attention_backends.py).
-AttentionBackend = Literal["sdpa", "fp8_triton", "fp8_cudnn", "fp8_emulated"]
+AttentionBackend = Literal["sdpa", "fa3", "fa3_fp8", "fp8_triton", "fp8_cudnn", "fp8_emulated"]
 ScaleRule = Literal["static_6", "static_4", "mse", "mae", "abs_max"]   # NVFP4 block-scale rules
 Sampler = Literal["unipc", "euler"]
 SPLayout = Literal["balanced", "naive"]            # teacher-forcing token layout under SP

@@ -107,6 +107,12 @@ class StreamingPipeline:
         # the exchange, and this rank's cache holds num_heads / sp heads of every token.
         self.sp = sp
         self._session = None   # weakref to the open StreamingSession: one at a time (one cache)
+        # bf16_attention_steps: those denoising steps run the FP8 backend's BF16 sibling.
+        self._bf16_steps = cfg.bf16_attention_step_indices()
+        self._attention = {False: model.attention_backend}
+        if self._bf16_steps:
+            from impl.model.attention_backends import attention_fn, backend
+            self._attention[True] = attention_fn(backend(cfg.attention).precise, self.device, model.cfg.head_dim)
 
     # ---- set-up ----
     def cache_for(self, batch: int) -> KVCache:
@@ -188,18 +194,27 @@ class StreamingPipeline:
             x = torch.cat([clean, x[:, :, held:]], dim=2)
         sampler = make_sampler(s.sampler, s.steps, s.shift)
         for i, t in enumerate(sampler.timesteps):
+            self._attention_for(i)
             # Denoising steps only attend: later blocks see the re-cache pass's K/V.
             if i == exit_step:
                 with torch.enable_grad():
                     v = self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale)
                     x0 = x - float(official_sigmas(s.steps, s.shift)[i]) * v
+                self._attention_for(None)
                 self._velocity(x0.detach(), 0.0, ctx, pos, cache, plan, cfg_scale)
                 return x0
             x = sampler.step(self._velocity(x, t, ctx, pos, cache, plan.attention_only(), cfg_scale, held), t, x)
             if held:
                 x = torch.cat([clean, x[:, :, held:]], dim=2)
+        self._attention_for(None)
         self._velocity(x, 0.0, ctx, pos, cache, plan, cfg_scale)  # re-cache clean K/V
         return x
+
+    def _attention_for(self, step: int | None) -> None:
+        """Set the self-attention kernel for denoising step ``step`` (None: the re-cache pass).
+        A no-op unless ``bf16_attention_steps`` names some steps."""
+        if self._bf16_steps:
+            self.model.set_attention_backend(self._attention[step in self._bf16_steps])
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str], noise: torch.Tensor, exit_step: int | None) -> torch.Tensor:

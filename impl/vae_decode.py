@@ -1,8 +1,8 @@
 """Block-by-block VAE decoding, synchronous or overlapped with the DiT.
 
 :class:`BlockDecoder` takes one block of latents at a time (:meth:`BlockDecoder.submit`) and
-hands its pixel frames, as CPU float32 ``[B, 3, T, H, W]`` in ``[-1, 1]``, to a callback in
-block order. The mode (``InferenceConfig.vae_mode``) picks where the decode runs:
+hands its pixel frames, as CPU ``[B, 3, T, H, W]`` (float32 in ``[-1, 1]``, or uint8 converted on
+the GPU with ``InferenceConfig.frame_format="uint8"``), to a callback in block order. The mode (``InferenceConfig.vae_mode``) picks where the decode runs:
 
 * ``"sync"``: in the caller's thread on the VAE's device; ``submit`` returns after delivery.
 * ``"stream"``: on a second CUDA stream of the VAE's GPU, launched by a worker thread, so the
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from impl.model.decoders import stream_decoder
-from impl.video_io import VideoWriteError
+from impl.video_io import VideoWriteError, float_frames_to_uint8
 
 if TYPE_CHECKING:
     from impl.inference.config import InferenceConfig
@@ -67,7 +67,7 @@ class DecodedBlock:
     """One decoded block, as handed to the ``on_frames`` callback."""
 
     index: int              # 0-based block number, in submit order
-    frames: torch.Tensor    # [B, 3, T, H, W] float32 on the CPU, in [-1, 1]
+    frames: torch.Tensor    # [B, 3, T, H, W] on the CPU: float32 in [-1, 1], or uint8 (frame_format)
     decode_ms: float        # time of the VAE decode itself (see the backends for the clock)
 
 
@@ -103,19 +103,34 @@ class _PinnedPool:
             self._free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
 
-def _to_host(frames: torch.Tensor, stream: torch.cuda.Stream, pool: _PinnedPool) -> torch.Tensor:
-    """CUDA frames -> pageable CPU float32: async copy on ``stream`` into a pinned staging
-    buffer, wait on an event (not the whole device: the DiT keeps running), then clone so the
+def _deliverable(frames: torch.Tensor, frame_format: str) -> torch.Tensor:
+    """Decoder output [B, 3, T, H, W] in [-1, 1] -> what is copied to the host, on its device:
+    float32 as it is, or uint8 laid out [B, T, H, W, 3] (the order video files store)."""
+    if frame_format == "uint8":
+        return float_frames_to_uint8(frames).permute(0, 2, 3, 4, 1).contiguous()
+    return frames.float()
+
+
+def _as_delivered(host: torch.Tensor, frame_format: str) -> torch.Tensor:
+    """The [B, 3, T, H, W] view of a host copy made by :func:`_deliverable` (uint8: a view of
+    the [B, T, H, W, 3] memory, so writing a video needs no copy)."""
+    return host.permute(0, 4, 1, 2, 3) if frame_format == "uint8" else host
+
+
+def _to_host(frames: torch.Tensor, stream: torch.cuda.Stream, pool: _PinnedPool, frame_format: str) -> torch.Tensor:
+    """CUDA frames -> pageable CPU frames: converted on the GPU (uint8 is a quarter of the
+    bytes), copied asynchronously on ``stream`` into a pinned staging buffer reused across blocks,
+    waited for on an event (not the whole device: the DiT keeps running), then cloned so the
     caller never holds pinned memory for the whole video."""
-    out = frames.float()
-    buf = pool.take(out.shape, torch.float32)
+    out = _deliverable(frames, frame_format)
+    buf = pool.take(out.shape, out.dtype)
     buf.copy_(out, non_blocking=True)
     done = torch.cuda.Event()
     done.record(stream)
     done.synchronize()
     host = buf.clone()
     pool.give(buf)
-    return host
+    return _as_delivered(host, frame_format)
 
 
 # ---- backends: stage() runs in the caller's thread, decode() where the mode decodes ----
@@ -124,30 +139,33 @@ class _SyncBackend:
     """Decode in the caller's thread (no staging: the decode is done before ``submit`` returns);
     time with CUDA events on the current stream, or perf_counter on the CPU."""
 
-    def __init__(self, vae: torch.nn.Module, **options: bool) -> None:
+    def __init__(self, vae: torch.nn.Module, frame_format: str, **options: bool) -> None:
         self.device = _vae_device(vae)
         self.decoder = stream_decoder(vae, **options)
+        self.frame_format = frame_format
+        self.staging = _PinnedPool()
 
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             frames = self.decoder.decode_block(latents)
-            return frames.float(), (time.perf_counter() - t0) * 1e3
+            out = _as_delivered(_deliverable(frames, self.frame_format), self.frame_format)
+            return out, (time.perf_counter() - t0) * 1e3
         with torch.cuda.device(self.device):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             frames = self.decoder.decode_block(latents)
             end.record()
-            host = frames.float().cpu()
-            end.synchronize()
+            host = _to_host(frames, torch.cuda.current_stream(self.device), self.staging, self.frame_format)
             return host, start.elapsed_time(end)
 
 
 class _StreamBackend:
     """Decode on a side CUDA stream of the VAE's GPU; decode time from CUDA events on it."""
 
-    def __init__(self, vae: torch.nn.Module, **options: bool) -> None:
+    def __init__(self, vae: torch.nn.Module, frame_format: str, **options: bool) -> None:
         self.device = _vae_device(vae)
+        self.frame_format = frame_format
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"vae_mode='stream' needs the VAE on a CUDA GPU, but it is on "
                              f"{self.device}; use vae_mode='sync' or 'device'")
@@ -176,14 +194,16 @@ class _StreamBackend:
             start.record(self.side)
             frames = self.decoder.decode_block(z)
             end.record(self.side)
-            host = _to_host(frames, self.side, self.staging)
+            host = _to_host(frames, self.side, self.staging, self.frame_format)
         return host, start.elapsed_time(end)
 
 
 class _DeviceBackend:
     """Decode with the VAE on ``device`` (moved there once, in place); wall time in the worker."""
 
-    def __init__(self, vae: torch.nn.Module, device: str | torch.device | None, **options: bool) -> None:
+    def __init__(self, vae: torch.nn.Module, device: str | torch.device | None, frame_format: str,
+                 **options: bool) -> None:
+        self.frame_format = frame_format
         dev = torch.device("cpu" if device is None else device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -225,7 +245,7 @@ class _DeviceBackend:
             t0 = time.perf_counter()
             frames = self.decoder.decode_block(host)
             ms = (time.perf_counter() - t0) * 1e3
-            out = frames.float()
+            out = _as_delivered(_deliverable(frames, self.frame_format), self.frame_format)
         else:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                 z = host.to(self.device, non_blocking=True)
@@ -233,7 +253,7 @@ class _DeviceBackend:
                 frames = self.decoder.decode_block(z)
                 self.stream.synchronize()  # wall time needs the GPU work done; also ends the H2D read
                 ms = (time.perf_counter() - t0) * 1e3
-                out = _to_host(frames, self.stream, self.staging)
+                out = _to_host(frames, self.stream, self.staging, self.frame_format)
         if pooled:  # only on success: after a failure an async copy may still use it
             self.inputs.give(host)
         return out, ms
@@ -444,9 +464,9 @@ def make_block_decoder(vae: torch.nn.Module, cfg: "InferenceConfig", *, on_frame
         raise TypeError("on_frames must be callable")
     options = {"channels_last": cfg.vae_channels_last, "compile": cfg.vae_compile}
     if cfg.vae_mode == "sync":
-        backend: Any = _SyncBackend(vae, **options)
+        backend: Any = _SyncBackend(vae, cfg.frame_format, **options)
     elif cfg.vae_mode == "stream":
-        backend = _StreamBackend(vae, **options)
+        backend = _StreamBackend(vae, cfg.frame_format, **options)
     else:
-        backend = _DeviceBackend(vae, cfg.vae_device, **options)
+        backend = _DeviceBackend(vae, cfg.vae_device, cfg.frame_format, **options)
     return BlockDecoder(backend, cfg.vae_mode, cfg.vae_queue_depth, on_frames, z_dim=vae.config.z_dim)

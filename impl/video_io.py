@@ -46,7 +46,7 @@ def _require_ffmpeg() -> Any:
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] or [1, 3, T, H, W] floats in [-1, 1] -> uint8 array [T, H, W, 3]."""
+    """[3, T, H, W] or [1, 3, T, H, W] floats in [-1, 1] (or uint8) -> uint8 array [T, H, W, 3]."""
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
     if frames.dim() == 5:
@@ -55,10 +55,19 @@ def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
         frames = frames[0]
     if frames.dim() != 4 or frames.shape[0] != 3:
         raise ValueError(f"frames: expected [3, T, H, W] or [1, 3, T, H, W], got {tuple(frames.shape)}")
-    if not frames.is_floating_point():
-        raise TypeError(f"frames: expected floats in [-1, 1], got dtype {frames.dtype}")
-    x = ((frames.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    if frames.dtype == torch.uint8:   # converted already (InferenceConfig.frame_format='uint8')
+        x = frames.detach()
+    elif not frames.is_floating_point():
+        raise TypeError(f"frames: expected floats in [-1, 1] or uint8, got dtype {frames.dtype}")
+    else:
+        x = float_frames_to_uint8(frames.detach())
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def float_frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Frames in [-1, 1] -> uint8 [0, 255] on their own device, the same rounding everywhere (so a
+    GPU conversion gives the bytes the CPU would)."""
+    return ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 class Mp4Writer:

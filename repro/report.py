@@ -250,7 +250,11 @@ BENCHMARK_COLUMN_DOCS: dict[str, dict[str, str]] = {
         "sdpa_ms_p50": "median time of SDPA on the same inputs in the same run, ms",
         "tflops": "4 M N D H / ms_p50 (M queries, N keys, H heads of size D), TFLOP/s",
         "kernel_tflops": "4 M N D H / kernel_ms_p50, TFLOP/s",
+        "fp8_kv_ms_p50": "median time of the call with K and V given as FP8 codes, as an FP8 KV cache holds "
+                         "them (only Q is quantized in the call: the streaming forward with kv_cache fp8), ms",
+        "fp8_kv_tflops": "4 M N D H / fp8_kv_ms_p50, TFLOP/s",
         "speedup_vs_sdpa": "sdpa_ms_p50 / ms_p50 (> 1: faster than SDPA)",
+        "fp8_kv_speedup_vs_sdpa": "sdpa_ms_p50 / fp8_kv_ms_p50",
         "sqnr_vs_sdpa_db": "signal-to-quantization-noise ratio of the output against SDPA on random normal "
                            "inputs, dB (higher = closer)",
         "layer_sqnr_min_db": "with source model: the lowest per-layer output SQNR against SDPA at the 5B shapes, dB",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run one stage of the GPU measurements on a lent device machine (see README "GPU runs").
+# Run one stage of the GPU measurements on a lent device machine (README: "Real time on one GPU").
 # Usage: COMMIT=<sha> bash scripts/device_stage.sh STAGE [extra repro-run args]
 # Records go to /tmp/res on the device and come back as one archive, $OUT/res.tgz (the device
 # tool returns a limited number of files); logs and profiles are written under $OUT.
@@ -8,21 +8,30 @@ stage=$1; shift
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off on shared hosts (the device tool's rule); torchrun children inherit it.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ]; then
+# Carried wheels (.whl: diffusers, fa3-fwd, ...); .whl-extra holds fallbacks (a newer
+# huggingface_hub and its HTTP client) installed only if diffusers does not import without them.
+export PYTHONPATH=$PWD
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+  if [ -d .whl-extra ] && ! PYTHONPATH=/tmp/site:$PWD python3 -c "import impl.model.vae" 2>/dev/null; then
+    echo "diffusers needs the carried extras: installing .whl-extra"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-extra/*.whl || exit 1
+  fi
+  touch /tmp/site/.installed
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Each run is capped (LIMIT seconds) so the records written so far are still copied out.
 run() { timeout "${LIMIT:-560}" python3 -m repro run "$@" --results /tmp/res --no-progress --commit "${COMMIT:-unknown}"; }
 case $stage in
   tests)    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests_gpu.log"
             python3 -m pytest -q -p no:cacheprovider tests/test_nvfp4.py tests/test_quant_layers.py tests/test_kv_nvfp4.py 2>&1 | tail -3 ;;
-  fast-tests)  # the GPU tests of the fast paths (FP8 attention, CUDA graphs, light decoders)
+  fast-tests)  # the GPU tests of the fast paths (FA3 / FP8 attention, FP8 KV cache, CUDA graphs,
+            # light decoders, uint8 frames), and whether FlashAttention-3 loads with this torch
+            python3 -c "import torch, fa3_fwd_interface as f; print('fa3-fwd loads with torch', torch.__version__, f.__file__)" \
+              2>&1 | tail -3 | tee "$OUT/fa3_import.log"
             python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_fast_paths.py tests/test_gpu.py \
-              2>&1 | tee "$OUT/tests_fast_paths.log" | tail -15 ;;
+              tests/test_vae_decode.py 2>&1 | tee "$OUT/tests_fast_paths.log" | tail -15 ;;
   attn)     run experiments/attention_kernels.yaml "$@" ;;
   realtime) run experiments/realtime.yaml "$@" ;;
   kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;

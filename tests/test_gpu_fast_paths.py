@@ -9,6 +9,7 @@ import torch
 from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
 from impl.model.attention_backends import AttentionBackendError, attention_fn, fp8_emulated, sdpa, sqnr_db
+from impl.model.fp8_scaling import FP8Heads
 
 pytestmark = pytest.mark.gpu
 
@@ -61,3 +62,45 @@ def test_light_decoders_side_stream_matches_sync(decoder):
     stream = build_pipeline(cfg.replace(vae_mode="stream"), "cuda", Weights(text="embedding")).generate(
         ["a cat"] * 3, seed=2)
     assert torch.equal(sync.latents, stream.latents) and torch.equal(sync.frames, stream.frames)
+
+
+# ---- FlashAttention-3 (skipped where the fa3-fwd wheel is not installed) ----
+
+def _fa3(name: str):
+    try:
+        return attention_fn(name, "cuda", head_dim=128)
+    except AttentionBackendError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("m,n", [(7040 // 8, 7040 // 2), (1000, 3001)])
+def test_fa3_bf16_and_fp8_accuracy(m, n):
+    q, k, v = _qkv(m, n)
+    ref = sdpa(q.double(), k.double(), v.double())
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)   # dirty the allocator's free blocks
+    bf16 = _fa3("fa3")(q, k, v)
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == q.shape
+    assert sqnr_db(ref, bf16) > 35 and sqnr_db(sdpa(q, k, v), bf16) > 35   # BF16 rounding only
+    fp8 = _fa3("fa3_fp8")
+    out = fp8(q, k, v)
+    assert torch.isfinite(out).all() and out.shape == q.shape
+    assert 20 < sqnr_db(ref, out) < sqnr_db(ref, bf16)
+    assert sqnr_db(fp8_emulated(q, k, v), out) > 25        # the same quantization of Q, K, V
+    # K / V given as FP8 codes (an FP8 KV cache) under the same scales: the same call
+    k8, v8 = FP8Heads.quantize(k), FP8Heads.quantize(v)
+    assert torch.equal(fp8(q, k8, v8), out)
+
+
+def test_fa3_fp8_with_fp8_cache_in_the_pipeline():
+    _fa3("fa3_fp8")
+    base = InferenceConfig(preset="small", dtype="bf16", steps=2)   # head dim 64
+    prompts = ["a red fox"] * 5
+    w = Weights(text="embedding")
+    ref = build_pipeline(base, "cuda", w, decode=False).generate(prompts).latents
+    bf16 = build_pipeline(base.replace(attention="fa3"), "cuda", w, decode=False).generate(prompts).latents
+    assert sqnr_db(ref, bf16) > 25
+    for extra in ({}, {"kv_cache": "fp8"}, {"kv_cache": "fp8", "bf16_attention_steps": "last"}):
+        out = build_pipeline(base.replace(attention="fa3_fp8", **extra), "cuda", w, decode=False).generate(prompts).latents
+        assert torch.isfinite(out).all() and sqnr_db(ref, out) > 12, extra
+    with pytest.raises(AttentionBackendError, match="head dim 16"):
+        build_pipeline(InferenceConfig(preset="tiny", attention="fa3"), "cuda")

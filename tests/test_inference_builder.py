@@ -64,10 +64,13 @@ def test_builder_reproduces_the_hand_assembled_pipelines(name):
 
 def test_config_validates_every_field_once_and_names_it():
     bad = [({"preset": "huge"}, "preset"), ({"dtype": "fp16"}, "dtype"), ({"precision": "int4"}, "precision"),
-           ({"kv_cache": "fp8"}, "kv_cache"), ({"kv_rule": "max"}, "kv_rule"), ({"vae_mode": "async"}, "vae_mode"),
+           ({"kv_cache": "fp4"}, "kv_cache"), ({"kv_rule": "max"}, "kv_rule"), ({"vae_mode": "async"}, "vae_mode"),
            ({"vae_mode": "device", "vae_device": "gpu1"}, "vae_device"), ({"vae_device": "cpu"}, "vae_device"),
            ({"vae_queue_depth": 0}, "vae_queue_depth"), ({"steps": 0}, "steps"), ({"guidance_scale": 0.5}, "guidance_scale"),
-           ({"kv_comm": "nvfp4"}, "kv_comm"), ({"sp_size": 3}, "sp_size"), ({"compile": "yes"}, "compile")]
+           ({"kv_comm": "nvfp4"}, "kv_comm"), ({"sp_size": 3}, "sp_size"), ({"compile": "yes"}, "compile"),
+           ({"frame_format": "png"}, "frame_format"), ({"bf16_attention_steps": "final"}, "bf16_attention_steps"),
+           ({"attention": "fp8_emulated", "bf16_attention_steps": "4"}, "bf16_attention_steps"),
+           ({"attention": "sdpa", "bf16_attention_steps": "-1"}, "bf16_attention_steps")]
     for kwargs, field in bad:
         with pytest.raises(ConfigError) as err:
             InferenceConfig(**kwargs)

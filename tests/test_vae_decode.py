@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from impl.config import ConfigError, get_preset
 from impl.inference.config import InferenceConfig
 from impl.model.vae import StreamingDecoder, build_vae
 from impl.vae_decode import DecodedBlock, VAEDecodeError, make_block_decoder
+from impl.video_io import float_frames_to_uint8, frames_to_uint8
 
 CPU_MODES = [("sync", None), ("device", "cpu")]
 BLOCK = 2  # latent frames per block
@@ -28,22 +30,39 @@ def _latents(blocks: int, batch: int = 1, seed: int = 1, dtype=torch.float64, de
     return torch.randn(batch, 8, blocks * BLOCK, 4, 4, generator=g, dtype=dtype).to(device)
 
 
-def _make(vae, mode="sync", device=None, queue_depth=2, *, on_frames):
+def _make(vae, mode="sync", device=None, queue_depth=2, *, on_frames, frame_format="float32"):
     """A block decoder with these decode settings (validated by InferenceConfig)."""
-    cfg = InferenceConfig(vae_mode=mode, vae_device=device, vae_queue_depth=queue_depth)
+    cfg = InferenceConfig(vae_mode=mode, vae_device=device, vae_queue_depth=queue_depth, frame_format=frame_format)
     return make_block_decoder(vae, cfg, on_frames=on_frames)
 
 
-def _decode_all(vae, z, mode, device=None, depth=2):
+def _decode_all(vae, z, mode, device=None, depth=2, frame_format="float32"):
     got: list[DecodedBlock] = []
-    with _make(vae, mode, device=device, queue_depth=depth, on_frames=got.append) as dec:
+    with _make(vae, mode, device=device, queue_depth=depth, on_frames=got.append, frame_format=frame_format) as dec:
         for i in range(0, z.shape[2], BLOCK):
             dec.submit(z[:, :, i:i + BLOCK])
     assert [b.index for b in got] == list(range(z.shape[2] // BLOCK))
     assert dec.decode_ms == [b.decode_ms for b in got] and all(ms > 0 for ms in dec.decode_ms)
+    dtype = torch.uint8 if frame_format == "uint8" else torch.float32
     for b in got:
-        assert b.frames.dtype == torch.float32 and b.frames.device.type == "cpu"
+        assert b.frames.dtype == dtype and b.frames.device.type == "cpu" and b.frames.shape[1] == 3
     return torch.cat([b.frames for b in got], dim=2)
+
+
+@pytest.mark.parametrize("mode", ["sync", "device"])
+def test_uint8_frames_are_the_bytes_the_video_writer_makes(mode):
+    """frame_format='uint8' converts on the decoder's device with video_io's rounding and hands
+    [B, 3, T, H, W] views of [B, T, H, W, 3] memory (what an mp4 frame is)."""
+    vae = build_vae(get_preset("tiny").vae, dtype=torch.float32, device="cpu", seed=0)
+    z = _latents(blocks=2, batch=2, dtype=torch.float32)
+    ref = _decode_all(vae, z, "sync")
+    got = _decode_all(vae, z, mode, frame_format="uint8")
+    assert torch.equal(got, float_frames_to_uint8(ref))
+    assert np.array_equal(frames_to_uint8(got[:1]), frames_to_uint8(ref[:1]))
+    blocks: list[DecodedBlock] = []
+    with _make(vae, mode, on_frames=blocks.append, frame_format="uint8") as dec:
+        dec.submit(z[:, :, :BLOCK])
+    assert blocks[0].frames.permute(0, 2, 3, 4, 1).is_contiguous()   # mp4 frames need no copy
 
 
 class FakeDecoder:
@@ -306,6 +325,15 @@ def test_cuda_async_modes_match_sync(mode, device):
     z = _latents(blocks=4, batch=2, dtype=torch.float32, device="cuda")
     ref = _decode_all(vae, z, "sync")
     assert torch.equal(_decode_all(vae, z, mode, device, depth=2), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,device", [("sync", None), ("stream", None), ("device", "cuda")])
+def test_cuda_uint8_frames_match_float_frames(mode, device):
+    vae = build_vae(get_preset("tiny").vae, dtype=torch.float32, device="cuda", seed=0)
+    z = _latents(blocks=3, batch=2, dtype=torch.float32, device="cuda")
+    ref = _decode_all(vae, z, mode, device)
+    assert torch.equal(_decode_all(vae, z, mode, device, frame_format="uint8"), float_frames_to_uint8(ref))
 
 
 @pytest.mark.gpu

@@ -127,9 +127,8 @@ def build_dit(cfg: InferenceConfig, device: torch.device | str, weights: Weights
         _merge_lora(model, weights.lora, check_base=weights.lora_check_base)
     if cfg.precision != "bf16":
         quantize_model(model, QuantConfig.for_inference(cfg.precision))
-    if cfg.attention != "sdpa":
-        from impl.model.attention_backends import attention_fn
-        model.set_attention_backend(attention_fn(cfg.attention, device))
+    from impl.model.attention_backends import attention_fn
+    model.set_attention_backend(attention_fn(cfg.attention, device, preset.dit.head_dim))
     if cfg.compile:
         model.compile_hot_path(cuda_graphs=cfg.cuda_graphs)
     return model.requires_grad_(False)
@@ -242,5 +241,8 @@ def _check_device(cfg: InferenceConfig, device: torch.device) -> None:
         raise ConfigError(f"device: {device} requested but CUDA is not available")
     if cfg.cuda_graphs and device.type != "cuda":
         raise ConfigError("cuda_graphs: CUDA graphs need a CUDA device")
-    from impl.model.attention_backends import check_backend
-    check_backend(cfg.attention, device)
+    from impl.model.attention_backends import backend, check_backend
+    head_dim = cfg.stream_preset.dit.head_dim
+    check_backend(cfg.attention, device, head_dim)
+    if cfg.bf16_attention_step_indices():
+        check_backend(backend(cfg.attention).precise, device, head_dim)

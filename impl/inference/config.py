@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from impl.config import PRESETS, Preset, get_preset
 from impl.errors import ConfigError
-from impl.modes import AttentionBackend, Decoder, DType, KVExchange, KVStorage, Precision, ScaleRule, VAEMode, check_choice, choices
+from impl.modes import (AttentionBackend, Decoder, DType, FrameFormat, KVExchange, KVStorage, Precision, ScaleRule,
+                        VAEMode, check_choice, choices)
 
 
 def allowed_sp_sizes(preset: Preset) -> list[int]:
@@ -72,6 +73,12 @@ class InferenceConfig:
       LightVAE), and ``torch.compile`` its module (``vae_mode="sync"`` only: compiling in the
       async modes' worker thread is not safe beside the DiT).
     attention: the kernel of KV-cached self-attention (impl/model/attention_backends.py).
+    bf16_attention_steps: denoising steps whose self-attention runs the backend's BF16 sibling
+      (``fa3`` for ``fa3_fp8``, else ``sdpa``) instead of an FP8 kernel: ``"none"`` or
+      comma-separated step indices, negative from the end, or ``first`` / ``last``. The
+      clean re-cache pass always runs ``attention``.
+    frame_format: decoded frames as float32 in [-1, 1], or uint8 converted on the GPU and copied
+      through pinned, double-buffered host memory (a quarter of the bytes; what mp4 stores).
     compile: ``torch.compile`` each DiT block's two pure halves; ``cuda_graphs`` (needs
       ``compile``, CUDA) compiles them with ``mode="reduce-overhead"``, so each half replays as
       one CUDA graph and the host no longer gates the GPU.
@@ -94,6 +101,8 @@ class InferenceConfig:
     vae_channels_last: bool = False
     vae_compile: bool = False
     attention: AttentionBackend = "sdpa"
+    bf16_attention_steps: str = "none"
+    frame_format: FrameFormat = "float32"
     compile: bool = False
     cuda_graphs: bool = False
     sp_size: int = 1
@@ -116,8 +125,10 @@ class InferenceConfig:
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         for name, kind in (("dtype", DType), ("precision", Precision), ("kv_cache", KVStorage),
                            ("kv_rule", ScaleRule), ("decoder", Decoder), ("vae_mode", VAEMode),
-                           ("kv_comm", KVExchange), ("attention", AttentionBackend)):
+                           ("kv_comm", KVExchange), ("attention", AttentionBackend),
+                           ("frame_format", FrameFormat)):
             check_choice(getattr(self, name), kind, name)
+        self.bf16_attention_step_indices()   # validates the field
         _check_device_name(self.vae_device, "vae_device")
         if self.vae_device is not None and self.vae_mode != "device":
             raise ConfigError(f"vae_device: is only used with vae_mode='device' (vae_mode is {self.vae_mode!r}); "
@@ -155,6 +166,31 @@ class InferenceConfig:
             stream["sink_frames"] = 0
         return base.replace(stream=stream) if stream else base
 
+    def bf16_attention_step_indices(self) -> frozenset[int]:
+        """The denoising steps (0-based) of :attr:`bf16_attention_steps`; raises ConfigError."""
+        text = self.bf16_attention_steps
+        if not isinstance(text, str):
+            raise ConfigError(f"bf16_attention_steps: must be 'none' or comma-separated step indices, got {text!r}")
+        if text.strip() in ("", "none"):
+            return frozenset()
+        steps = self.stream_preset.stream.steps
+        out = set()
+        for part in text.split(","):
+            part = {"first": "0", "last": "-1"}.get(part.strip(), part)
+            try:
+                i = int(part)
+            except ValueError:
+                raise ConfigError(f"bf16_attention_steps: {part.strip()!r} is not a step index "
+                                  f"(use e.g. 'last' or '-1' for the last step, 'first,last', or 'none')") from None
+            if not -steps <= i < steps:
+                raise ConfigError(f"bf16_attention_steps: step {i} is outside the {steps} denoising steps "
+                                  f"(0..{steps - 1}, or -{steps}..-1 from the end)")
+            out.add(i % steps)
+        if self.attention in ("sdpa", "fa3"):
+            raise ConfigError(f"bf16_attention_steps: attention={self.attention!r} already runs in BF16 on every "
+                              "step; it applies to the FP8 backends")
+        return frozenset(out)
+
     @property
     def preset_name(self) -> str:
         return self.preset if isinstance(self.preset, str) else self.preset.name
@@ -189,7 +225,8 @@ FIELD_HELP = {
     "dtype": "compute dtype of the DiT, VAE and text encoder",
     "precision": "format of the 300 block linears: bf16 = not quantized, fp8 = W8A8, nvfp4_* (docs/nvfp4.md); "
                  "nvfp4 = nvfp4_te where Transformer Engine runs it, else nvfp4_emulated",
-    "kv_cache": "KV-cache storage",
+    "kv_cache": "KV-cache storage: bf16 (the compute dtype), fp8 (e4m3 codes FP8 attention reads as stored), "
+                "nvfp4 (4.5 bits, dequantized per read)",
     "kv_rule": "NVFP4 block-scale rule of the KV cache",
     "decoder": "video decoder: wan = the full Wan2.2 VAE, lightvae_p50 / lightvae_p75 = MG-LightVAE pruned by "
                "50% / 75%, tae = the tiny TAEHV-architecture decoder",
@@ -198,8 +235,12 @@ FIELD_HELP = {
     "vae_queue_depth": "async VAE modes: most blocks decoding at once",
     "vae_channels_last": "decode in channels-last layout (wan / lightvae: cuDNN's preferred conv layout)",
     "vae_compile": "torch.compile the decoder module",
-    "attention": "KV-cached self-attention kernel: sdpa (PyTorch, the model dtype), fp8_triton (our Triton FP8 "
+    "attention": "KV-cached self-attention kernel: sdpa (PyTorch, the model dtype), fa3 / fa3_fp8 "
+                 "(FlashAttention-3 BF16 / FP8, Hopper; pip install fa3-fwd), fp8_triton (our Triton FP8 "
                  "kernel, Hopper), fp8_cudnn (cuDNN frontend FP8 SDPA), fp8_emulated (FP8 numerics in PyTorch)",
+    "bf16_attention_steps": "denoising steps that keep BF16 attention under an FP8 backend: none, or "
+                            "comma-separated indices, negative from the end, or first / last (e.g. last)",
+    "frame_format": "decoded frames: float32 in [-1, 1], or uint8 converted on the GPU (pinned host copies)",
     "compile": "torch.compile the DiT blocks' pure halves",
     "cuda_graphs": "replay the compiled halves as CUDA graphs (torch.compile mode reduce-overhead; needs --compile)",
     "sp_size": "ranks per sequence-parallel group",
@@ -207,7 +248,8 @@ FIELD_HELP = {
                "auto = nvfp4 with an NVFP4 cache under SP",
 }
 _CHOICES = {"dtype": DType, "precision": Precision, "kv_cache": KVStorage, "kv_rule": ScaleRule,
-            "decoder": Decoder, "vae_mode": VAEMode, "kv_comm": KVExchange, "attention": AttentionBackend}
+            "decoder": Decoder, "vae_mode": VAEMode, "kv_comm": KVExchange, "attention": AttentionBackend,
+            "frame_format": FrameFormat}
 
 
 def add_arguments(ap: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from impl.model.attention_backends import DEFAULT_ATTENTION
+from impl.model.fp8_scaling import FP8Heads
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.model.rope import apply_rope
 from impl.quant.nvfp4 import NVFP4Tensor
@@ -90,8 +92,8 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **fk)
         # The kernel of KV-cached self-attention (impl.model.attention_backends); set for the
         # whole model by CausalWanDiT.set_attention_backend.
-        self.cached_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = \
-            F.scaled_dot_product_attention
+        # K/V reach it as tensors, or as FP8Heads from an FP8 cache (every backend takes both).
+        self.cached_attention: Callable[..., torch.Tensor] = DEFAULT_ATTENTION
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
@@ -148,6 +150,8 @@ class Attention(nn.Module):
             # cache writes cannot invalidate what backward saved).
             cache.write(layer, plan, k.detach(), v.detach(), codes)
             kc, vc = cache.read(layer, plan)
+            if isinstance(kc, FP8Heads):   # an FP8 cache: the history in the compute dtype
+                kc, vc = kc.dequantize(k.dtype), vc.dequantize(v.dtype)
             lo, hi = plan.write_range
             k = torch.cat([kc[:, :, :lo], k, kc[:, :, hi:]], dim=2)
             v = torch.cat([vc[:, :, :lo], v, vc[:, :, hi:]], dim=2)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from impl.config import DiTConfig
+from impl.model.attention_backends import DEFAULT_ATTENTION
 from impl.model.attention import Attention, AttentionCore, SequenceParallel, TextContext
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.model.rope import Rope3D
@@ -162,6 +163,7 @@ class CausalWanDiT(nn.Module):
         self.rope = Rope3D(cfg)
         self.gradient_checkpointing = False
         self._cuda_graphs = False
+        self.attention_backend = DEFAULT_ATTENTION   # see set_attention_backend
 
     def compile_hot_path(self, *, cuda_graphs: bool = False) -> None:
         """``torch.compile`` each block's two pure halves (norms, modulation, projections, RoPE,
@@ -182,6 +184,7 @@ class CausalWanDiT(nn.Module):
         self-attention. Cross-attention (512 text keys) and masked training forwards keep SDPA."""
         for blk in self.blocks:
             blk.attn1.cached_attention = fn
+        self.attention_backend = fn
 
     @property
     def dtype(self) -> torch.dtype:

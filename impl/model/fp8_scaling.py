@@ -1,10 +1,16 @@
-"""FP8 (e4m3) scaling shared by the FP8 attention paths: amax-based scales and the cast.
+"""FP8 (e4m3) scaling shared by the FP8 attention paths and the FP8 KV cache.
 
 X8 = e4m3(X * 448 / amax|X|), one scale per (batch, head) or per tensor; an all-zero head gets
 a finite scale (its codes are 0 and so is its contribution).
+
+:class:`FP8Heads` is what an FP8 operand looks like between the KV cache and a kernel that
+takes FP8 directly (FlashAttention-3's FP8 forward): the e4m3 codes and one float32 scale per (batch, head), so
+``codes.float() / scale`` is the value (``descale`` = 1 / scale is what FA3 takes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,3 +28,35 @@ def fp8_scales(x: torch.Tensor, per_head: bool = True) -> torch.Tensor:
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 codes of ``x * scale`` (|x * scale| <= 448 by construction of the scale)."""
     return (x.float() * scale).to(torch.float8_e4m3fn)
+
+
+def to_fp8_saturating(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of ``x * scale`` clamped to +-448: for a scale fixed before ``x`` was seen (the
+    FP8 KV cache), where PyTorch's cast would turn an overflow into NaN."""
+    return (x.float() * scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class FP8Heads:
+    """An FP8 attention operand: ``codes`` e4m3 [B, H, S, D] and ``scale`` float32 [B, H, 1, 1]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> "FP8Heads":
+        """Per (batch, head) amax scaling of ``x`` [B, H, S, D] (a scale seen on ``x`` itself)."""
+        scale = fp8_scales(x)
+        return cls(to_fp8(x, scale), scale)
+
+    @property
+    def descale(self) -> torch.Tensor:
+        """1 / scale as [B, H] float32: FlashAttention-3's q/k/v_descale."""
+        return (1.0 / self.scale).flatten(-3)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.codes.float() / self.scale).to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape

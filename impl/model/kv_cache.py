@@ -35,8 +35,19 @@ matching heads of a one-GPU cache: ``amax_reduce`` turns the rank's per-slot ama
 over all ranks (the tensor scale one GPU computes over all heads), and :meth:`KVCache.write`
 accepts K/V that arrive already quantized (``codes``) and stores them without re-quantizing.
 
-The constructor picks the storage once: a :class:`BF16Store` or an :class:`NVFP4Store`, both
-behind the small :class:`KVStore` interface; :class:`KVCache` itself only does the block
+FP8 storage (``storage="fp8"``, :class:`FP8Store`) keeps e4m3 codes that FP8 attention
+kernels (FlashAttention-3's FP8 forward) read as they are, so a forward quantizes only its own
+block and Q: 0.5x of BF16. Its scale is one float32 per (layer, batch element, head) for K and
+for V, shared by every slot (sink, pinned and window slots alike, since one attention call
+reads them all under one descale): set from the first block written after :meth:`KVCache.reset`
+as 448 / (``FP8_KV_HEADROOM`` x that block's amax), so later blocks may grow that much before
+they saturate (clamped at +-448; e4m3 keeps its 3-bit relative precision over the whole range
+below). Every forward writes its block (denoising steps too, as BF16 storage does), so the
+current block attends itself in FP8 as well; re-cache and prompt switches rewrite slots under
+the same scales.
+
+The constructor picks the storage once: a :class:`BF16Store`, :class:`FP8Store` or
+:class:`NVFP4Store`, all behind the small :class:`KVStore` interface; :class:`KVCache` itself only does the block
 bookkeeping and the text-context memo.
 """
 
@@ -51,7 +62,12 @@ import torch
 from impl import modes
 from impl.config import StreamConfig
 from impl.memory import tensor_bytes
+from impl.model.fp8_scaling import FP8_MAX, FP8Heads, to_fp8_saturating
 from impl.quant import nvfp4
+
+# FP8 cache: the first block's amax maps to 448 / FP8_KV_HEADROOM, so later blocks may reach
+# this many times its largest |K| or |V| before saturating.
+FP8_KV_HEADROOM = 4.0
 
 AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
 KVCodes = tuple[nvfp4.NVFP4Tensor, nvfp4.NVFP4Tensor]   # a block's K and V, already quantized
@@ -110,6 +126,9 @@ class KVStore(Protocol):
     def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Every resident block's K/V for ``layer``: [B, H, plan.attend_len, D]."""
 
+    def reset(self) -> None:
+        """A new video starts (the FP8 store forgets its scales)."""
+
     @property
     def nbytes(self) -> int:
         """Bytes of persistent K/V storage."""
@@ -145,6 +164,9 @@ class BF16Store:
         n = plan.attend_len
         return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
 
+    def reset(self) -> None:
+        pass
+
     @property
     def nbytes(self) -> int:
         return tensor_bytes((self.k, self.v))
@@ -156,6 +178,53 @@ class BF16Store:
     @property
     def slot_bytes(self) -> int:
         return self.tokens_per_block * self.k.shape[2] * self.k.shape[4] * self.k.element_size()
+
+
+class FP8Store:
+    """e4m3 codes [L, B, H, S, D] for K and V, one scale per (layer, batch element, head);
+    reads are :class:`FP8Heads` views (no copy, no dequantization)."""
+
+    def __init__(self, shape: tuple[int, ...], tokens_per_block: int, device: torch.device | str):
+        L, B, H = shape[:3]
+        self.k = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+        self.v = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+        # Quantization scales 448 / (headroom amax), [L, 2 (K, V), B, H, 1, 1].
+        self.scales = torch.ones((L, 2, B, H, 1, 1), dtype=torch.float32, device=device)
+        self.tokens_per_block = tokens_per_block
+        self._scaled = [False] * L     # host-side: has this layer's scale been set since reset()
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              codes: KVCodes | None = None) -> None:
+        if codes is not None:
+            raise ValueError("KVCache.write: pre-quantized K/V (codes) need storage='nvfp4'")
+        if not self._scaled[layer]:
+            for i, x in enumerate((k, v)):
+                amax = x.detach().abs().amax(dim=(-2, -1), keepdim=True).float().clamp_min(1e-12)
+                self.scales[layer, i] = FP8_MAX / (FP8_KV_HEADROOM * amax)
+            self._scaled[layer] = True
+        lo, hi = plan.write_range
+        self.k[layer, :, :, lo:hi] = to_fp8_saturating(k, self.scales[layer, 0])
+        self.v[layer, :, :, lo:hi] = to_fp8_saturating(v, self.scales[layer, 1])
+
+    def read(self, layer: int, plan: BlockPlan) -> tuple[FP8Heads, FP8Heads]:
+        n = plan.attend_len
+        return (FP8Heads(self.k[layer, :, :, :n], self.scales[layer, 0]),
+                FP8Heads(self.v[layer, :, :, :n], self.scales[layer, 1]))
+
+    def reset(self) -> None:
+        self._scaled = [False] * len(self._scaled)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes((self.k, self.v, self.scales))
+
+    @property
+    def workspace_nbytes(self) -> int:
+        return 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.tokens_per_block * self.k.shape[2] * self.k.shape[4]
 
 
 class NVFP4Slots:
@@ -215,6 +284,9 @@ class NVFP4Store:
         self.k.put(layer, plan.slot, lo, hi, codes[0])
         self.v.put(layer, plan.slot, lo, hi, codes[1])
 
+    def reset(self) -> None:
+        self._fresh = {}
+
     def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._fresh:
             raise RuntimeError("KVCache.read: NVFP4 storage needs write() of the current block first")
@@ -265,6 +337,8 @@ class KVCache:
         self.store: KVStore
         if storage == "bf16":
             self.store = BF16Store(shape, tokens_per_block, dtype, device)
+        elif storage == "fp8":
+            self.store = FP8Store(shape, tokens_per_block, device)
         else:   # amax_reduce: amax [2, B] -> the SP group's max (NVFP4 only)
             self.store = NVFP4Store(shape, self.num_slots, tokens_per_block, dtype, device, kv_rule, amax_reduce)
         self.text_contexts: OrderedDict[object, object] = OrderedDict()
@@ -287,6 +361,7 @@ class KVCache:
         self.current_block = -1
         self.pinned_block: int | None = None
         self.text_contexts.clear()
+        self.store.reset()
 
     # ---- block bookkeeping (host-side ints: no device syncs) ----
     @property
@@ -343,10 +418,11 @@ class KVCache:
         (the SP exchange sends them packed); a committing write stores them as they are."""
         self.store.write(layer, plan, k, v, codes)
 
-    def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor] | tuple[FP8Heads, FP8Heads]:
         """Every resident block's K/V for ``layer``: [B, H, num_valid*tpb, D].
 
-        BF16 storage returns views (no copy); NVFP4 storage dequantizes the history into the
+        BF16 storage returns views (no copy); FP8 storage returns :class:`FP8Heads` views of its
+        codes with their scales (the attention backend dequantizes if it must); NVFP4 storage dequantizes the history into the
         shared workspace and puts the current block's fresh K/V (from :meth:`write`) in place.
         """
         return self.store.read(layer, plan)

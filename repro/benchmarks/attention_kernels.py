@@ -5,8 +5,11 @@ One call attends a block's queries (``queries``, 7040 at 5B size) against ``keys
 each backend of :mod:`impl.model.attention_backends`. Measured in one run, against SDPA on the
 same inputs:
 - ``ms_p50`` (the whole call, FP8 quantization of Q, K, V included) and ``kernel_ms_p50`` (the
-  FP8 kernel on operands quantized beforehand; SDPA: the same call), CUDA-event medians over
-  ``repeats`` calls rotating ``buffers`` input sets (so no call hits a warm L2);
+  FP8 kernel on operands quantized beforehand; SDPA / FA3 BF16: the same call), CUDA-event
+  medians over ``repeats`` calls rotating ``buffers`` input sets (so no call hits a warm L2);
+- ``fp8_kv_ms_p50`` (backends that read an FP8 KV cache as stored: ``fa3_fp8``, the
+  emulation): K and V arrive as FP8 codes, only Q is quantized in the call -- the streaming
+  forward with ``kv_cache: fp8``; with ``fp8_kv_tflops`` and ``fp8_kv_speedup_vs_sdpa``;
 - ``tflops`` = 4 M N D H / ``ms_p50``; ``kernel_tflops`` likewise; ``speedup_vs_sdpa``;
 - ``sqnr_vs_sdpa_db``: output SQNR against SDPA on random normal inputs;
 - with ``source: model``, the per-layer SQNR at the 5B shapes with random weights: the full
@@ -23,7 +26,8 @@ from typing import Any
 
 import torch
 
-from impl.model.attention_backends import attention_fn, sdpa, sqnr_db
+from impl.model.attention_backends import BACKENDS, attention_fn, sdpa, sqnr_db
+from impl.model.fp8_scaling import FP8Heads
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._shared import SEED, finish_gpu_run, inference_field, timing_fields
 from repro.timing import percentile, time_ms
@@ -84,11 +88,21 @@ def run_attention_kernels(variant: dict[str, Any], measure: dict[str, Any], hard
     ms = time_ms(call(fn), dev, measure["warmup"], measure["repeats"])
     ref_ms = time_ms(call(sdpa), dev, measure["warmup"], measure["repeats"])
     kernel_ms = ms
+    cached_ms = None
     if backend == "fp8_triton":
         from impl.model.fp8_attention import fp8_attention_quantized, quantize_qkv
         pre = [quantize_qkv(*s) for s in sets]
         kernel_ms = time_ms(lambda: fp8_attention_quantized(*pre[next(it) % len(pre)]), dev,
                             measure["warmup"], measure["repeats"])
+    if BACKENDS[backend].takes_fp8_kv:
+        # K/V as an FP8 KV cache holds them (quantized when their block was written): the call
+        # quantizes only Q, as the streaming forward does with kv_cache='fp8'.
+        cached = [(q_, FP8Heads.quantize(k_), FP8Heads.quantize(v_)) for q_, k_, v_ in sets]
+        cached_ms = time_ms(lambda: fn(*cached[next(it) % len(cached)]), dev, measure["warmup"], measure["repeats"])
+        if backend == "fa3_fp8":
+            q8 = [(FP8Heads.quantize(q_), k_, v_) for q_, k_, v_ in cached]
+            kernel_ms = time_ms(lambda: fn(*q8[next(it) % len(q8)]), dev, measure["warmup"], measure["repeats"])
+        del cached
     q, k, v = sets[0]
     flop = 4.0 * q.shape[2] * k.shape[2] * q.shape[3] * q.shape[1]
     p50, k50, r50 = statistics.median(ms), statistics.median(kernel_ms), statistics.median(ref_ms)
@@ -98,6 +112,10 @@ def run_attention_kernels(variant: dict[str, Any], measure: dict[str, Any], hard
         "sdpa_tflops": flop / (r50 / 1e3) / 1e12, "speedup_vs_sdpa": r50 / p50,
         "sqnr_vs_sdpa_db": sqnr_db(sdpa(q, k, v), fn(q, k, v)),
     }
+    if cached_ms is not None:
+        c50 = statistics.median(cached_ms)
+        metrics.update({"fp8_kv_ms_p50": c50, "fp8_kv_tflops": flop / (c50 / 1e3) / 1e12,
+                        "fp8_kv_speedup_vs_sdpa": r50 / c50})
     metrics = {k_: (None if isinstance(v_, float) and not math.isfinite(v_) else v_) for k_, v_ in metrics.items()}
     del sets, q, k, v
     return finish_gpu_run(metrics, device)
@@ -105,7 +123,8 @@ def run_attention_kernels(variant: dict[str, Any], measure: dict[str, Any], hard
 
 ATTENTION_KERNELS = register(Benchmark(
     name="attention_kernels",
-    description="KV-cached self-attention kernels (SDPA, FP8 Triton, FP8 cuDNN, FP8 emulated) at the streaming "
+    description="KV-cached self-attention kernels (SDPA, FlashAttention-3 BF16 / FP8, FP8 Triton, FP8 cuDNN, FP8 "
+                "emulated) at the streaming "
                 "shapes: time, TFLOP/s and speedup against SDPA in the same run, output SQNR against SDPA on "
                 "random inputs, and per-layer SQNR inside the 5B model with random weights.",
     variant_fields={
@@ -123,8 +142,9 @@ ATTENTION_KERNELS = register(Benchmark(
         "seed": SEED,
     },
     run=run_attention_kernels,
-    table_metrics=["ms_p50", "kernel_ms_p50", "sdpa_ms_p50", "tflops", "kernel_tflops", "speedup_vs_sdpa",
-                   "sqnr_vs_sdpa_db", "layer_sqnr_min_db", "layer_sqnr_median_db"],
+    table_metrics=["ms_p50", "kernel_ms_p50", "fp8_kv_ms_p50", "sdpa_ms_p50", "tflops", "kernel_tflops",
+                   "fp8_kv_tflops", "speedup_vs_sdpa", "fp8_kv_speedup_vs_sdpa", "sqnr_vs_sdpa_db",
+                   "layer_sqnr_min_db", "layer_sqnr_median_db"],
     primary_metric="speedup_vs_sdpa",
     plot="tflops",
 ))

@@ -100,6 +100,8 @@ INFERENCE_SPEED = register(Benchmark(
         "vae_channels_last": inference_field("vae_channels_last"),
         "vae_compile": inference_field("vae_compile"),
         "attention": inference_field("attention"),
+        "bf16_attention_steps": inference_field("bf16_attention_steps"),
+        "frame_format": inference_field("frame_format"),
         "compile": inference_field("compile"),
         "cuda_graphs": inference_field("cuda_graphs"),
         "guidance_scale": inference_field("guidance_scale"),
