@@ -34,7 +34,13 @@ Decoder = Literal["wan", "lightvae_p50", "lightvae_p75", "tae"]
 # How decoded frames reach the caller: float32 [-1, 1], or uint8 [0, 255] converted on the GPU
 # (a quarter of the bytes over the host copy; what video files store).
 FrameFormat = Literal["float32", "uint8"]
-DecoderLatents = Literal["raw", "normalized"]      # the latent space a tiny decoder file expects
+# The latent space a tiny decoder file expects: the DiT's normalised latents as they are (what the
+# published TAEHV taew2_2 files take), or the VAE's raw ones (z * std + mean).
+DecoderLatents = Literal["normalized", "raw"]
+# The first latent frame at a pruned (MG-LightVAE) decoder's temporal upsamplers: skip the time
+# conv (LightX2V, official Wan2.2, diffusers), or run it with zero history and drop its first
+# output frame (the Matrix-Game-3 release's copy); impl/model/vae.py.
+LightVAEFirstChunk = Literal["skip_time_conv", "time_conv_drop_first"]
 # Kernel of KV-cached self-attention (impl/model/attention_backends.py).
 AttentionBackend = Literal["sdpa", "fa3", "fa3_fp8", "fp8_triton", "fp8_cudnn", "fp8_emulated"]
 ScaleRule = Literal["static_6", "static_4", "mse", "mae", "abs_max"]   # NVFP4 block-scale rules

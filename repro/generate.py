@@ -20,7 +20,7 @@ from typing import Any
 # Torch-free: the CLI builds this parser for every command, and `report` must stay light.
 from impl.inference.config import add_arguments as add_inference_arguments
 from impl.inference.config import config_from_args
-from impl.modes import DecoderLatents, choices
+from impl.modes import DecoderLatents, LightVAEFirstChunk, choices
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -41,9 +41,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decoder-weights", default=None, metavar="FILE",
                     help="weights of a light --decoder: an MG-LightVAE .pth (lightvae_p50 / lightvae_p75) or a "
                          "taew2_2 .pth / .safetensors (tae); nothing is downloaded")
-    ap.add_argument("--decoder-latents", default="raw", choices=list(choices(DecoderLatents)),
-                    help="latent space a tae file was trained on: the VAE's raw latents or the DiT's normalised "
-                         "ones (default: raw)")
+    ap.add_argument("--decoder-latents", default="normalized", choices=list(choices(DecoderLatents)),
+                    help="latent space a tae file was trained on: the DiT's normalised latents as they are (the "
+                         "published taew2_2 files) or the VAE's raw ones (default: normalized)")
+    ap.add_argument("--lightvae-first-chunk", default="skip_time_conv", choices=list(choices(LightVAEFirstChunk)),
+                    help="a lightvae decoder's temporal upsamplers at the first latent frame: skip the time conv "
+                         "(LightX2V, official Wan2.2, diffusers) or run it and drop its first frame (the "
+                         "Matrix-Game-3 release) (default: skip_time_conv)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise and of random weights (default: 0)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
@@ -99,8 +103,8 @@ def run(args: argparse.Namespace) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = cfg.replace(dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     weights = Weights(root=args.weights, dit=args.dit, lora=args.lora, lora_check_base=not args.lora_skip_base_check,
-                      decoder=args.decoder_weights,
-                      decoder_latents=args.decoder_latents, seed=args.seed)
+                      decoder=args.decoder_weights, decoder_latents=args.decoder_latents,
+                      lightvae_first_chunk=args.lightvae_first_chunk, seed=args.seed)
     pipe = build_pipeline(cfg, device, weights)
     with tqdm(total=len(prompts), desc="blocks", unit="block") as bar, \
             pipe.session(prompts[0], seed=args.seed, max_blocks=len(prompts), image=image, video_path=out) as session:

@@ -106,9 +106,9 @@ def test_loading_taew2_2_files(tmp_path):
         load_decoder("tae", tmp_path / "missing.pth", TINY_VAE)
 
 
-def test_normalised_latent_tae_decodes_the_dit_latents_as_they_are():
-    raw = build_decoder("tae", TINY_VAE, seed=0)
-    norm = build_decoder("tae", TINY_VAE, seed=0, latents="normalized")
+def test_raw_latent_tae_maps_the_dit_latents_back_first():
+    raw = build_decoder("tae", TINY_VAE, seed=0, latents="raw")
+    norm = build_decoder("tae", TINY_VAE, seed=0)   # the default: latents as they are
     z = _latents(2)
     mean = torch.tensor(TINY_VAE.latents_mean).view(1, 8, 1, 1, 1)
     std = torch.tensor(TINY_VAE.latents_std).view(1, 8, 1, 1, 1)
@@ -146,3 +146,186 @@ def test_config_and_cli_errors(tmp_path):
             "--decoder-weights", str(path)]
     assert main(args) == 0 and out.is_file()
     assert main([*args[:-1], str(tmp_path / "nope.pth")]) == 2
+
+
+# ---- published decoder files by default (issue 25): files built here in the published layouts
+
+P48 = get_preset("tiny").replace(vae={"z_dim": 48}, dit={"in_channels": 48, "out_channels": 48})  # Wan2.2's latent size
+
+
+def _vae_folder(tmp_path, vae_cfg):
+    """A VAE folder as --weights / Weights.vae give it (only its config.json is read here)."""
+    from impl.model.vae import build_vae
+    folder = tmp_path / "pipe" / "vae"
+    build_vae(vae_cfg, seed=0).save_config(folder)
+    return tmp_path / "pipe"
+
+
+def _taew2_2_file(tmp_path, vae_cfg=TINY_VAE):
+    module = build_decoder("tae", vae_cfg, seed=5)
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    sd["encoder.0.weight"] = torch.zeros(4, 4)
+    from safetensors.torch import save_file
+    path = tmp_path / "taew2_2.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+def test_published_taew2_2_file_decodes_the_dit_latents_as_they_are(tmp_path):
+    # TAEHV applies no latent scale or shift: by default the file sees the DiT's latents unchanged,
+    # also when a real VAE's statistics are loaded (here a folder with non-identity ones).
+    from impl.inference.build import build_video_decoder
+    from repro.cli import build_parser
+    folder, path = _vae_folder(tmp_path, TINY_VAE), _taew2_2_file(tmp_path)
+    cfg = InferenceConfig(dtype="fp32", decoder="tae")
+    module = build_video_decoder(cfg, "cpu", Weights(vae=folder, decoder=path))
+    z = _latents(3, seed=2)
+    frames, _ = module.run(list(z.unbind(2)), [])
+    assert torch.equal(stream_decoder(module).decode_block(z), torch.stack(frames[3:], dim=2) * 2 - 1)
+    # --decoder-latents raw is still there for a file trained on raw latents: z * std + mean first.
+    raw = build_video_decoder(cfg, "cpu", Weights(vae=folder, decoder=path, decoder_latents="raw"))
+    mean = torch.tensor(TINY_VAE.latents_mean).view(1, 8, 1, 1, 1)
+    std = torch.tensor(TINY_VAE.latents_std).view(1, 8, 1, 1, 1)
+    frames, _ = raw.run(list((z * std + mean).unbind(2)), [])
+    torch.testing.assert_close(stream_decoder(raw).decode_block(z), torch.stack(frames[3:], dim=2) * 2 - 1)
+    args = build_parser().parse_args(["generate", "--shot", "a", "--out", "v.mp4", "--decoder", "tae",
+                                      "--decoder-weights", str(path)])
+    assert args.decoder_latents == "normalized" and Weights().decoder_latents == "normalized"
+
+
+def test_lightvae_file_without_a_vae_folder_uses_the_published_wan22_statistics(tmp_path):
+    from impl.inference.build import build_video_decoder
+    from impl.model.decoders import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, with_latent_stats
+    assert len(WAN22_LATENTS_MEAN) == len(WAN22_LATENTS_STD) == 48 and min(WAN22_LATENTS_STD) > 0
+    module = build_decoder("lightvae_p75", P48.vae, seed=3)
+    path = tmp_path / "MG-LightVAE_v2.pth"
+    torch.save({"gen_model": module.state_dict()}, path)
+    cfg = InferenceConfig(preset=P48, dtype="fp32", decoder="lightvae_p75")
+    loaded = build_video_decoder(cfg, "cpu", Weights(decoder=path))   # no --weights, no VAE folder
+    assert tuple(loaded.config.latents_mean) == WAN22_LATENTS_MEAN
+    assert tuple(loaded.config.latents_std) == WAN22_LATENTS_STD
+    z = torch.randn(1, 48, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(WAN22_LATENTS_MEAN).view(1, 48, 1, 1, 1), torch.tensor(WAN22_LATENTS_STD).view(1, 48, 1, 1, 1)
+    want = loaded.decode(z * std + mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(stream_decoder(loaded).decode_block(z), want, atol=1e-5, rtol=1e-5)
+    # A VAE folder's own statistics win; a preset of another latent size keeps its own (identity).
+    other = dataclasses.replace(P48.vae, latents_mean=tuple(0.01 * i for i in range(48)), latents_std=(2.0,) * 48)
+    from_folder = build_video_decoder(cfg, "cpu", Weights(vae=_vae_folder(tmp_path, other), decoder=path))
+    assert tuple(from_folder.config.latents_std) == (2.0,) * 48
+    assert with_latent_stats(get_preset("tiny").vae).latents_mean is None
+
+
+NESTINGS = [(), ("state_dict",), ("gen_model",), ("generator",), ("state_dict", "gen_model"),
+            ("gen_model", "generator"), ("state_dict", "generator"), ("state_dict", "gen_model", "generator")]
+
+
+@pytest.mark.parametrize("nesting", NESTINGS, ids=["/".join(n) or "plain" for n in NESTINGS])
+def test_read_weight_file_unwraps_state_dict_then_gen_model_then_generator(tmp_path, nesting):
+    from impl.model.decoders import read_weight_file
+    module = build_decoder("lightvae_p50", TINY_VAE, seed=3)
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    obj = {**sd, "dynamic_feature_projection_heads.0.weight": torch.zeros(2)}
+    for key in reversed(nesting):   # the innermost level last; each level with a sibling entry
+        obj = {key: obj, "epoch": torch.tensor(3)} if key != "state_dict" else {key: obj, "step": 100}
+    path = tmp_path / "MG-LightVAE.pth"
+    torch.save(obj, path)
+    got = read_weight_file(path)
+    assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert load_decoder("lightvae_p50", path, TINY_VAE) is not None
+
+
+def test_read_weight_file_follows_the_public_order_of_nestings(tmp_path):
+    from impl.model.decoders import read_weight_file
+    sd = build_decoder("lightvae_p50", TINY_VAE, seed=3).state_dict()
+    path = tmp_path / "reversed.pth"
+    torch.save({"generator": {"state_dict": sd}}, path)   # state_dict inside generator: not a public layout
+    with pytest.raises(DecoderFileError, match="reversed.pth: not a state dict of tensors"):
+        read_weight_file(path)
+
+
+def test_first_chunk_upsampling_behaviours_match_their_formulas():
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    from impl.model.vae import TimeConvFirstChunkResample
+    torch.manual_seed(0)
+    skip = WanResample(4, "upsample3d", upsample_out_dim=4).double()
+    drop = TimeConvFirstChunkResample(4, "upsample3d", upsample_out_dim=4).double()
+    drop.load_state_dict(skip.state_dict())
+    x = [torch.randn(1, 4, 1, 3, 3, dtype=torch.float64) for _ in range(3)]
+    zero = torch.zeros_like(x[0])
+
+    def time_conv(history):   # the (3, 1, 1) conv over three frames; its 8 channels are 2 frames of 4
+        y = F.conv3d(torch.cat(history, dim=2), skip.time_conv.weight, skip.time_conv.bias)
+        return [y[:, :4], y[:, 4:]]
+
+    def spatial(frames):      # the per-frame 2x upsample + conv
+        return torch.stack([skip.resample(f[:, :, 0]) for f in frames], dim=2)
+
+    def stream(module):
+        cache = [None]
+        return [module(xi, feat_cache=cache, feat_idx=[0]) for xi in x]
+
+    out = stream(skip)   # LightX2V / Wan2.2 / diffusers: the first frame skips the time conv
+    assert torch.equal(out[0], spatial([x[0]]))
+    torch.testing.assert_close(out[1], spatial(time_conv([zero, zero, x[1]])))
+    torch.testing.assert_close(out[2], spatial(time_conv([zero, x[1], x[2]])))
+    out = stream(drop)   # Matrix-Game-3: time conv with zero history, its first frame dropped
+    torch.testing.assert_close(out[0], spatial(time_conv([zero, zero, x[0]])[1:]))
+    torch.testing.assert_close(out[1], spatial(time_conv([zero, x[0], x[1]])))
+    torch.testing.assert_close(out[2], spatial(time_conv([x[0], x[1], x[2]])))
+
+
+def test_lightvae_first_chunk_option_in_the_decoder_and_its_file(tmp_path):
+    from impl.config import ConfigError
+    from impl.model.vae import first_chunk_upsampling
+    default = build_decoder("lightvae_p50", TINY_VAE, seed=0)
+    mg3 = build_decoder("lightvae_p50", TINY_VAE, seed=0, first_chunk="time_conv_drop_first")
+    assert (first_chunk_upsampling(default), first_chunk_upsampling(mg3)) == ("skip_time_conv", "time_conv_drop_first")
+    assert list(default.state_dict()) == list(mg3.state_dict())   # the same file layout
+    z = _latents(4)
+    whole = stream_decoder(mg3).decode_block(z)
+    dec = stream_decoder(mg3)
+    assert torch.equal(torch.cat([dec.decode_block(z[:, :, i:i + 1]) for i in range(4)], dim=2), whole)
+    torch.testing.assert_close(whole, mg3.decode(z * torch.tensor(TINY_VAE.latents_std).view(1, 8, 1, 1, 1)
+                                                 + torch.tensor(TINY_VAE.latents_mean).view(1, 8, 1, 1, 1)
+                                                 ).sample.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    assert whole.shape == stream_decoder(default).decode_block(z).shape
+    assert not torch.allclose(whole[:, :, 0], stream_decoder(default).decode_block(z)[:, :, 0])
+    _, path = _mg_lightvae_file(tmp_path, "lightvae_p50")
+    loaded = load_decoder("lightvae_p50", path, TINY_VAE, first_chunk="time_conv_drop_first")
+    assert first_chunk_upsampling(loaded) == "time_conv_drop_first"
+    with pytest.raises(ConfigError, match="lightvae_first_chunk"):
+        Weights(lightvae_first_chunk="drop")
+    with pytest.raises(ConfigError, match="lightvae_first_chunk.*not of decoder 'tae'"):
+        build_pipeline(InferenceConfig(dtype="fp32", decoder="tae"), "cpu",
+                       Weights(lightvae_first_chunk="time_conv_drop_first", text="embedding"))
+
+
+def test_cli_flags_of_the_published_decoder_files(tmp_path, capsys):
+    from repro.cli import main
+    _, path = _mg_lightvae_file(tmp_path, "lightvae_p75")
+    out = tmp_path / "v.mp4"
+    base = ["generate", "--shot", "a cat::2", "--out", str(out), "--device", "cpu"]
+    assert main([*base, "--decoder", "lightvae_p75", "--decoder-weights", str(path),
+                 "--lightvae-first-chunk", "time_conv_drop_first"]) == 0 and out.is_file()
+    assert main([*base, "--decoder", "tae", "--decoder-weights", str(_taew2_2_file(tmp_path)),
+                 "--lightvae-first-chunk", "time_conv_drop_first"]) == 2
+    assert "lightvae_first_chunk" in capsys.readouterr().err
+
+
+def test_readme_paragraph_on_published_decoder_files_uses_real_flags():
+    import re
+    from pathlib import Path
+
+    import argparse
+
+    from repro.generate import add_arguments
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "Using the published decoder files" in readme
+    section = readme.split("Using the published decoder files", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    generate = argparse.ArgumentParser()
+    add_arguments(generate)
+    known = {s for action in generate._actions for s in action.option_strings}
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", section))
+    assert {"--decoder", "--decoder-weights", "--weights"} <= flags and flags <= known, flags - known

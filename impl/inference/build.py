@@ -25,7 +25,7 @@ from torch import nn
 
 from impl.errors import ConfigError
 from impl.inference.config import InferenceConfig
-from impl.modes import DecoderLatents, check_choice
+from impl.modes import DecoderLatents, LightVAEFirstChunk, check_choice
 from impl.model.attention import SequenceParallel
 from impl.model.dit import CausalWanDiT
 from impl.pipeline import StreamingPipeline, TextEmbedder
@@ -65,9 +65,15 @@ class Weights:
       overrides ``root``'s vae. With ``decoder="wan"`` this is the decoder.
     decoder: with a light decoder (``lightvae_*``, ``tae``), its published weight file
       (impl/model/decoders.py) or a built module (used as it is); None = random weights.
-      Latent statistics come from ``root``'s VAE config when there is one, else the preset's.
-    decoder_latents: the latent space a ``tae`` file was trained on (``raw`` VAE latents or the
-      DiT's ``normalized`` ones).
+      Latent statistics come from ``root``'s (or ``vae``'s) VAE config when there is one, else
+      the preset's, else for the Wan2.2 48-channel latent its published values
+      (:func:`impl.model.decoders.with_latent_stats`).
+    decoder_latents: the latent space a ``tae`` file was trained on: the DiT's ``normalized``
+      latents as they are (the default: the published taew2_2 files, as TAEHV applies no scale
+      or shift) or the VAE's ``raw`` ones.
+    lightvae_first_chunk: how a pruned decoder's temporal upsamplers treat the stream's first
+      latent frame: ``skip_time_conv`` (the default: LightX2V, official Wan2.2, diffusers) or
+      ``time_conv_drop_first`` (the Matrix-Game-3 release's copy); docs/fast_paths.md.
     text: see :data:`TextSource`.
     """
 
@@ -77,12 +83,14 @@ class Weights:
     lora_check_base: bool = True
     vae: str | Path | nn.Module | None = None
     decoder: str | Path | nn.Module | None = None
-    decoder_latents: DecoderLatents = "raw"
+    decoder_latents: DecoderLatents = "normalized"
+    lightvae_first_chunk: LightVAEFirstChunk = "skip_time_conv"
     text: TextSource = "encoder"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice(self.decoder_latents, DecoderLatents, "decoder_latents")
+        check_choice(self.lightvae_first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
         if isinstance(self.text, str) and self.text not in ("encoder", "embedding"):
             raise ConfigError(f"text: must be 'encoder', 'embedding' or a callable, got {self.text!r}")
         if not isinstance(self.text, str) and not callable(self.text):
@@ -183,18 +191,37 @@ def build_video_decoder(cfg: InferenceConfig, device: torch.device | str, weight
     if isinstance(weights.decoder, nn.Module):
         return weights.decoder
     vae_cfg = _latent_stats_config(cfg, weights)
+    options = {"latents": weights.decoder_latents, "first_chunk": weights.lightvae_first_chunk}
     if weights.decoder is not None:
-        return decoders.load_decoder(cfg.decoder, weights.decoder, vae_cfg, dtype=dtype, device=device,
-                                     latents=weights.decoder_latents)
-    return decoders.build_decoder(cfg.decoder, vae_cfg, dtype=dtype, device=device, seed=weights.seed,
-                                  latents=weights.decoder_latents)
+        return decoders.load_decoder(cfg.decoder, weights.decoder, vae_cfg, dtype=dtype, device=device, **options)
+    return decoders.build_decoder(cfg.decoder, vae_cfg, dtype=dtype, device=device, seed=weights.seed, **options)
+
+
+def check_decoder_options(cfg: InferenceConfig, weights: Weights) -> None:
+    """The decoder options of ``weights`` that ``cfg.decoder`` cannot honour, as one-line errors
+    naming the field (checked before any model is built)."""
+    from impl.model.decoders import PRUNING
+    if weights.lightvae_first_chunk != "skip_time_conv":
+        if cfg.decoder not in PRUNING:
+            raise ConfigError(f"lightvae_first_chunk: {weights.lightvae_first_chunk!r} is an option of the pruned "
+                              f"decoders ({', '.join(PRUNING)}), not of decoder {cfg.decoder!r}")
+        if isinstance(weights.decoder, nn.Module):
+            raise ConfigError("lightvae_first_chunk: a built decoder module is used as it is; set it on the module "
+                              "with impl.model.vae.set_first_chunk_upsampling")
 
 
 def _latent_stats_config(cfg: InferenceConfig, weights: Weights):
     """The preset's VAE config with the latent mean / std of the real VAE when one is given
-    (a light decoder maps the DiT's normalised latents back with the full VAE's statistics)."""
+    (a light decoder maps the DiT's normalised latents back with the full VAE's statistics):
+    a built VAE module's, else a VAE folder's config.json. Without either the light decoder
+    builders fill in the published Wan2.2 values for a 48-channel latent
+    (:func:`impl.model.decoders.with_latent_stats`)."""
     import dataclasses
     vae_cfg = cfg.stream_preset.vae
+    config = getattr(weights.vae, "config", None) if isinstance(weights.vae, nn.Module) else None
+    if getattr(config, "latents_mean", None) is not None:
+        return dataclasses.replace(vae_cfg, latents_mean=tuple(config.latents_mean),
+                                   latents_std=tuple(config.latents_std))
     folder = weights.vae if isinstance(weights.vae, (str, Path)) else weights.root
     if folder is None:
         return vae_cfg
@@ -212,6 +239,8 @@ def build_pipeline(cfg: InferenceConfig, device: torch.device | str = "cpu", wei
     """
     device = torch.device(device)
     _check_device(cfg, device)
+    if decode:
+        check_decoder_options(cfg, weights)
     model = build_dit(cfg, device, weights)
     vae = build_video_decoder(cfg, device, weights) if decode else None
     embedder = build_text_embedder(cfg, device, weights)

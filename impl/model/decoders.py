@@ -8,10 +8,18 @@
 
 Every kind decodes the DiT's normalised latents block by block with its own causal state
 (:func:`stream_decoder`) and yields frames in [-1, 1]. Published weight files load with
-:func:`load_decoder`: MG-LightVAE ``.pth`` (state dict possibly nested under ``state_dict`` /
-``gen_model`` / ``generator``; training-only ``dynamic_feature_projection_heads.*`` keys dropped;
-pruning rate read from the file) and ``taew2_2`` ``.pth`` / ``.safetensors``. A file of the wrong
-kind, width or latent size is an error naming the file and what was expected.
+:func:`load_decoder`: MG-LightVAE ``.pth`` (state dict possibly nested under ``state_dict``, then
+``gen_model``, then ``generator``, as the public loaders unwrap them; training-only
+``dynamic_feature_projection_heads.*`` keys dropped; pruning rate read from the file) and
+``taew2_2`` ``.pth`` / ``.safetensors``. A file of the wrong kind, width or latent size is an
+error naming the file and what was expected.
+
+Latent statistics: a pruned VAE maps the DiT's latents back with ``z * std + mean`` before
+decoding, so it needs the mean / std of the VAE it was distilled from. For the Wan2.2 48-channel
+latent they are fixed published constants (:data:`WAN22_LATENTS_MEAN` / :data:`WAN22_LATENTS_STD`),
+used whenever the VAE config at hand carries none (:func:`with_latent_stats`); other presets keep
+their own (identity for the random-weight ones, as their random VAE has). The published
+``taew2_2`` files apply no scale or shift at all (``latents="normalized"``, the default).
 """
 
 from __future__ import annotations
@@ -26,9 +34,30 @@ from torch import nn
 from impl.config import VAEConfig
 from impl.errors import ConfigError
 from impl.model.tae import LatentSpace, TinyDecoder, TinyDecoderConfig, TinyStreamingDecoder
+from impl.modes import LightVAEFirstChunk, check_choice
 
 PRUNING = {"lightvae_p50": 0.5, "lightvae_p75": 0.75}
-_NESTED = ("state_dict", "gen_model", "generator")
+_NESTED = ("state_dict", "gen_model", "generator")   # unwrapped in this order, each if present
+
+# The Wan2.2 VAE's per-channel latent statistics (48 channels): the official Wan2.2 code
+# (wan/modules/vae2_2.py, Wan2_2_VAE) and diffusers' Wan2.2-TI2V-5B-Diffusers vae/config.json
+# (latents_mean / latents_std) publish the same values.
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
 _TRAINING_ONLY = ("dynamic_feature_projection_heads.",)
 
 
@@ -43,7 +72,16 @@ def pruned_vae_config(vae: VAEConfig, rate: float) -> VAEConfig:
                                decoder_base_dim=max(1, round(vae.decoder_base_dim * keep)))
 
 
-def tae_config(vae: VAEConfig, latents: LatentSpace = "raw") -> TinyDecoderConfig:
+def with_latent_stats(vae: VAEConfig) -> VAEConfig:
+    """``vae`` with latent statistics: its own if it has them, else the published Wan2.2 ones for
+    a 48-channel latent (the Wan2.2 VAE's, the one the published light decoders are made for);
+    another latent size without statistics keeps None (identity, as that preset's VAE has)."""
+    if vae.latents_mean is not None or vae.z_dim != len(WAN22_LATENTS_MEAN):
+        return vae
+    return dataclasses.replace(vae, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
+
+
+def tae_config(vae: VAEConfig, latents: LatentSpace = "normalized") -> TinyDecoderConfig:
     """The tiny decoder for ``vae``'s latents: widths (d, d/2, d/4) of the full decoder's base
     width d (256 at full size: the published taew2_2 widths 256 / 128 / 64)."""
     d = vae.decoder_base_dim
@@ -54,19 +92,29 @@ def tae_config(vae: VAEConfig, latents: LatentSpace = "raw") -> TinyDecoderConfi
 
 def build_decoder(kind: str, vae: VAEConfig, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu", seed: int | None = None,
-                  latents: LatentSpace = "raw") -> nn.Module:
-    """A randomly initialised decoder of ``kind`` for the preset VAE ``vae`` (seeded)."""
-    from impl.model.vae import build_vae
+                  latents: LatentSpace = "normalized",
+                  first_chunk: LightVAEFirstChunk = "skip_time_conv") -> nn.Module:
+    """A randomly initialised decoder of ``kind`` for the preset VAE ``vae`` (seeded). A light
+    decoder gets :func:`with_latent_stats`; ``latents`` is the tiny decoder's latent space,
+    ``first_chunk`` the pruned VAE's first-chunk upsampling
+    (:func:`impl.model.vae.set_first_chunk_upsampling`)."""
+    from impl.model.vae import build_vae, set_first_chunk_upsampling
+    check_choice(first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
+    if first_chunk != "skip_time_conv" and kind not in PRUNING:
+        raise ConfigError(f"lightvae_first_chunk: {first_chunk!r} is an option of the pruned decoders "
+                          f"({', '.join(PRUNING)}), not of decoder {kind!r}")
     if kind == "wan":
         return build_vae(vae, dtype=dtype, device=device, seed=seed)
     if kind in PRUNING:
-        return build_vae(pruned_vae_config(vae, PRUNING[kind]), dtype=dtype, device=device, seed=seed)
+        module = build_vae(pruned_vae_config(with_latent_stats(vae), PRUNING[kind]), dtype=dtype, device=device,
+                           seed=seed)
+        return set_first_chunk_upsampling(module, first_chunk)
     if kind == "tae":
         devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            module = TinyDecoder(tae_config(vae, latents))
+            module = TinyDecoder(tae_config(with_latent_stats(vae), latents))
         return module.to(device=device, dtype=dtype).eval()
     raise ConfigError(f"decoder: unknown decoder {kind!r}; allowed: wan, {', '.join(PRUNING)}, tae")
 
@@ -85,7 +133,9 @@ def stream_decoder(module: nn.Module, *, channels_last: bool = False, compile: b
 # ---------------------------------------------------------------------------- weight files
 
 def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` / ``.pth`` / ``.pt`` file, unnested (see module doc)."""
+    """A state dict from a ``.safetensors`` / ``.pth`` / ``.pt`` file, unnested: under
+    ``state_dict``, then ``gen_model``, then ``generator``, each level unwrapped if present (any
+    combination of them, as the public MG-LightVAE loaders read these files)."""
     path = Path(path)
     if not path.is_file():
         raise DecoderFileError(f"{path}: decoder weight file not found")
@@ -105,7 +155,6 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     for key in _NESTED:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
-            break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DecoderFileError(f"{path}: not a state dict of tensors")
     return {k: v for k, v in obj.items() if not k.startswith(_TRAINING_ONLY)}
@@ -127,8 +176,11 @@ def file_pruning_rate(sd: Mapping[str, torch.Tensor], vae: VAEConfig, path: str 
 
 
 def load_decoder(kind: str, path: str | Path, vae: VAEConfig, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", latents: LatentSpace = "raw") -> nn.Module:
-    """Load a published decoder file of ``kind`` for the preset VAE ``vae`` (see module doc)."""
+                 device: torch.device | str = "cpu", latents: LatentSpace = "normalized",
+                 first_chunk: LightVAEFirstChunk = "skip_time_conv") -> nn.Module:
+    """Load a published decoder file of ``kind`` for the preset VAE ``vae`` (see module doc;
+    ``latents`` and ``first_chunk`` as in :func:`build_decoder`)."""
+    check_choice(first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
     sd = read_weight_file(path)
     if kind in PRUNING:
         rate = file_pruning_rate(sd, vae, path)
@@ -136,9 +188,9 @@ def load_decoder(kind: str, path: str | Path, vae: VAEConfig, *, dtype: torch.dt
             raise DecoderFileError(f"{path}: an MG-LightVAE file pruned at {rate:.3g}; decoder {kind!r} expects "
                                    f"{PRUNING[kind]} (use " + ", ".join(f"{k} for {v}" for k, v in PRUNING.items())
                                    + ")")
-        module = build_decoder(kind, vae, dtype=torch.float32)
+        module = build_decoder(kind, vae, dtype=torch.float32, first_chunk=first_chunk)
     elif kind == "tae":
-        module = build_decoder("tae", vae, dtype=torch.float32, latents=latents)
+        module = build_decoder("tae", vae, dtype=torch.float32, latents=latents, first_chunk=first_chunk)
         sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}   # the encoder half is not used
         if not sd:
             raise DecoderFileError(f"{path}: no 'decoder.*' tensors: not a taew2_2 (TAEHV) file")

@@ -20,10 +20,12 @@ keeps each MemBlock's last input frame as the memory for the next block, which m
 block-by-block decoding equal to decoding all latents at once (bit for bit: every layer runs
 frame by frame).
 
-Latent space: the decoder is trained on the VAE's raw latents (``z * std + mean`` of the DiT's
-normalised latents) by default (``latents="raw"``); ``latents="normalized"`` feeds the DiT's
-latents as they are. Which one a published file expects is the file author's choice; pass it
-explicitly when loading one.
+Latent space: by default (``latents="normalized"``) the decoder takes the DiT's normalised
+latents as they are, with no scale or shift. That is what the reference does: TAEHV applies no
+latent scale or shift (its README says so, its Wan2.2 wrapper uses mean 0 and std 1, and
+LightX2V feeds it the DiT's latents unchanged), so the published ``taew2_2`` files decode the
+normalised latents. ``latents="raw"`` first maps them to the VAE's raw latents
+(``z * std + mean``), for a decoder of one's own trained that way.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class TinyDecoderConfig:
 
     z_dim: int = 48
     widths: tuple[int, int, int] = (256, 128, 64)
-    latents: LatentSpace = "raw"
+    latents: LatentSpace = "normalized"
     latents_mean: tuple[float, ...] | None = None    # to map normalised latents back to raw ones
     latents_std: tuple[float, ...] | None = None
     scale_factor_temporal: int = 4

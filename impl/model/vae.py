@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanCausalConv3d, WanResample, unpatchify
 
 from impl.config import VAEConfig, raw_frames_for_latents
 
@@ -33,6 +33,8 @@ __all__ = [
     "StreamingDecoder",
     "raw_frames_for_latents",
     "vae_to_channels_last",
+    "set_first_chunk_upsampling",
+    "first_chunk_upsampling",
 ]
 
 
@@ -195,6 +197,53 @@ def vae_to_channels_last(vae: AutoencoderKLWan) -> AutoencoderKLWan:
                 if not weight.is_contiguous(memory_format=fmt):
                     weight.data = weight.data.contiguous(memory_format=fmt)
     return vae
+
+
+class TimeConvFirstChunkResample(WanResample):
+    """A temporal upsampler (``upsample3d``) that treats the first chunk of a stream as the
+    Matrix-Game-3 release's copy of the pruned Wan2.2 VAE does (``wan/modules/vae2_2.py`` there):
+    the time conv runs over it with zero history (its causal padding), the chunk's frames are
+    doubled as on every later chunk, and the first of the doubled frames is dropped, so one
+    latent frame still gives one frame. diffusers, the official Wan2.2 code and LightX2V instead
+    pass the first chunk through without the time conv. Later chunks are the same in both
+    (this chunk's frames become the next one's history), so only the stream's start differs."""
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):  # noqa: B006 - diffusers' signature
+        if self.mode != "upsample3d" or feat_cache is None or feat_cache[feat_idx[0]] is not None:
+            return super().forward(x, feat_cache=feat_cache, feat_idx=feat_idx)
+        b, c, t, h, w = x.shape
+        feat_cache[feat_idx[0]] = x[:, :, -CACHE_T:].clone()   # the next chunk's history
+        feat_idx[0] += 1
+        y = self.time_conv(x).reshape(b, 2, c, t, h, w)
+        y = torch.stack((y[:, 0], y[:, 1]), 3).reshape(b, c, 2 * t, h, w)[:, :, 1:]
+        t = y.shape[2]
+        y = self.resample(y.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        return y.view(b, t, y.size(1), y.size(2), y.size(3)).permute(0, 2, 1, 3, 4)
+
+
+_FIRST_CHUNK = {"skip_time_conv": WanResample, "time_conv_drop_first": TimeConvFirstChunkResample}
+
+
+def set_first_chunk_upsampling(vae: AutoencoderKLWan, behaviour: str) -> AutoencoderKLWan:
+    """Choose, in place, how the decoder's temporal upsamplers treat a stream's first latent
+    frame; returns ``vae``. ``"skip_time_conv"``: no time conv on it (diffusers, official Wan2.2,
+    LightX2V; what ``build_vae`` gives). ``"time_conv_drop_first"``: :class:`TimeConvFirstChunkResample`
+    (the Matrix-Game-3 release). Only the modules' class changes (no attributes are added), so
+    parameters, their layout and the state dict keys stay as they are; ``vae.decode`` and every
+    :class:`StreamingDecoder` of the module follow the choice."""
+    if behaviour not in _FIRST_CHUNK:
+        raise ValueError(f"first-chunk upsampling: must be one of {list(_FIRST_CHUNK)}, got {behaviour!r}")
+    for module in vae.decoder.modules():
+        if isinstance(module, WanResample) and module.mode == "upsample3d":
+            module.__class__ = _FIRST_CHUNK[behaviour]
+    return vae
+
+
+def first_chunk_upsampling(vae: AutoencoderKLWan) -> str | None:
+    """Which :func:`set_first_chunk_upsampling` behaviour the decoder has (None: no temporal upsampler)."""
+    kinds = {type(m) for m in vae.decoder.modules() if isinstance(m, WanResample) and m.mode == "upsample3d"}
+    names = [name for name, cls in _FIRST_CHUNK.items() if cls in kinds]
+    return names[0] if len(names) == 1 else None
 
 
 class StreamingDecoder:

@@ -39,6 +39,9 @@ PROXY_PRESETS = ("tiny", "proxy")
 # architecture makes cached pieces stale.
 ARTIFACT_VERSION = 1
 TRAIN_PRECISIONS = ("bf16", "nvfp4_emulated")
+# The proxy's tiny decoder is distilled on the VAE's raw latents, and cached pieces were made so:
+# pinned here, apart from the library default (the published taew2_2 files' normalised latents).
+_PROXY_TAE_LATENTS = "raw"
 
 
 def _knob(default: Any, help: str):
@@ -235,7 +238,7 @@ class ProxySystem:
             from safetensors.torch import save_file
             p, c = self.preset, self.cfg
             t0 = time.perf_counter()
-            student = build_decoder(kind, stats, device=self.device, seed=c.seed)
+            student = build_decoder(kind, stats, device=self.device, seed=c.seed, latents=_PROXY_TAE_LATENTS)
             if kind != "tae":
                 init_pruned_from(student, teacher)
             clips = ProceduralVideoSource(3, 1, p.video.height, p.video.width, length=100_000, seed=c.seed + 13)
@@ -248,7 +251,7 @@ class ProxySystem:
             self._finish(folder, {"piece": f"decoder_{kind}", "train_s": self._memo[f"train_s_decoder_{kind}"],
                                   "first_loss": log[0]["loss"], "last_loss": sum(e["loss"] for e in tail) / len(tail)})
         # Loaded back through the public loader (the layouts of the published files).
-        self._memo[memo] = load_decoder(kind, path, stats, device=self.device)
+        self._memo[memo] = load_decoder(kind, path, stats, device=self.device, latents=_PROXY_TAE_LATENTS)
         return self._memo[memo]
 
     def roundtrip(self, frames: torch.Tensor) -> torch.Tensor:
