@@ -437,6 +437,7 @@ AXIS_LABELS: dict[str, str] = {
     "q_psnr_vs_ref": "PSNR vs the BF16 reference (dB)",
     "q_psnr_vs_teacher": "PSNR vs the teacher's many-step video (dB)",
     "q_flicker": "temporal flickering score (1 = static)",
+    "switch_latency_ms_p50": "median prompt-switch latency to the new prompt's first block (ms)",
 }
 
 SHORT_AXIS_LABELS: dict[str, str] = {
@@ -458,6 +459,7 @@ PLOT_TITLES: dict[str, str] = {
     "q_psnr_vs_ref": "fidelity to the BF16 reference",
     "q_psnr_vs_teacher": "fidelity to the teacher's many-step video",
     "peak_mem_gb": "peak GPU memory",
+    "switch_latency_ms_p50": "prompt-switch latency of a live session",
 }
 
 _UNITS = ((r"(^|_)fps$", "frames / s"), (r"_ms(_p\d+)?$", "ms"), (r"(^|_)s$", "s"), (r"_gb(_\w+)?$", "GB"),
