@@ -55,6 +55,16 @@ def hardware_label(hw: dict[str, Any]) -> str:
     return "cpu"
 
 
+def source_labels(records: list[dict[str, Any]]) -> list[str]:
+    """Where each record's numbers come from, for the tables' hardware column and the plots'
+    panels: its hardware (:func:`hardware_label`), or, for a record of an analytic model (its
+    benchmark's ``extra["analytic"]`` names it), the model and the rates it assumes; a cost
+    model computed on a CPU is not a CPU measurement."""
+    bench = _benchmark(records)
+    describe = (getattr(bench, "extra", None) or {}).get("analytic")
+    return [(describe(r) if describe else None) or hardware_label(r["hardware"]) for r in records]
+
+
 def short_sha(sha: Any) -> str:
     """A git hash cut to :data:`COMMIT_LEN` characters (anything else as it is)."""
     sha = str(sha or "unknown")
@@ -73,7 +83,8 @@ def short_commit(record: dict[str, Any]) -> str:
 
 COLUMN_DOCS: dict[str, str] = {
     # harness columns
-    "hardware": "the device that ran the variant: GPU model (with the count when more than one) or cpu",
+    "hardware": "the device that ran the variant: GPU model (with the count when more than one) or cpu; for an "
+                "analytic model's row, the model and the rates it assumes (computed, not measured on a device)",
     "commit": "the code's git commit (first 7 hex digits); `-dirty` means tracked files outside the harness "
               "outputs (results/, .cache/, .benchmarks/) differed from it when the record was written",
     "speedup_vs_baseline": "this variant's primary metric over the spec's baseline variant's, both measured in "
@@ -224,6 +235,8 @@ COLUMN_DOCS: dict[str, str] = {
     "attn_tflop_per_rank": "attention TFLOP per rank and training step (mask counted exactly)",
     "vae_raw_frames_max_rank": "raw video frames the busiest rank VAE-encodes per step",
     "vae_encode_tflop_max_rank": "VAE-encode TFLOP of the busiest rank per step",
+    "vae_s": "modelled VAE-encode time of the busiest rank per step: vae_encode_tflop_max_rank / the assumed "
+             "encode rate, s (on the critical path: the other ranks wait for it)",
     "comm_bytes_per_rank": "bytes the busiest rank (the root) sends per step: all-to-alls plus layout data",
     "activation_mem_gb": "activation memory per rank under per-block gradient checkpointing, GB",
     "est_step_s": "modelled step time per rank: GEMM + attention at the given rates + communication + VAE "
@@ -359,8 +372,8 @@ def experiment_frame(records: list[dict[str, Any]], metrics: list[str]) -> pd.Da
             if k not in vkeys:
                 vkeys.append(k)
     rows = []
-    for r in records:
-        row: dict[str, Any] = {"hardware": hardware_label(r["hardware"])}
+    for r, source in zip(records, source_labels(records)):
+        row: dict[str, Any] = {"hardware": source}
         row.update({k: r["variant"].get(k) for k in vkeys})
         row.update({m: r["metrics"].get(m) for m in metrics})
         if any("speedup_vs_baseline" in x["metrics"] for x in records):
@@ -428,6 +441,7 @@ AXIS_LABELS: dict[str, str] = {
     "q_psnr_vs_ref": "PSNR vs the BF16 reference (dB)",
     "q_psnr_vs_teacher": "PSNR vs the teacher's many-step video (dB)",
     "q_flicker": "temporal flickering score (1 = static)",
+    "switch_latency_ms_p50": "median prompt-switch latency to the new prompt's first block (ms)",
 }
 
 SHORT_AXIS_LABELS: dict[str, str] = {
@@ -449,6 +463,7 @@ PLOT_TITLES: dict[str, str] = {
     "q_psnr_vs_ref": "fidelity to the BF16 reference",
     "q_psnr_vs_teacher": "fidelity to the teacher's many-step video",
     "peak_mem_gb": "peak GPU memory",
+    "switch_latency_ms_p50": "prompt-switch latency of a live session",
 }
 
 _UNITS = ((r"(^|_)fps$", "frames / s"), (r"_ms(_p\d+)?$", "ms"), (r"(^|_)s$", "s"), (r"_gb(_\w+)?$", "GB"),
@@ -498,7 +513,7 @@ _VALUE_WORDS: dict[str, dict[Any, str]] = {
 _FORMATS = {"steps": "{}-step", "kv_cache": "{} KV", "sp_size": "SP {}", "frames": "{} frames", "keys": "{} keys",
             "num_layers": "{} layers", "m": "m={}", "n": "n={}", "k": "k={}", "rows": "{} rows", "cols": "{} cols",
             "heads": "{} heads", "tokens_per_block": "{} tokens/slot", "halo": "halo {}", "dtype": "{} compute",
-            "kv_comm": "{} K/V exchange", "vae_encode_ms_per_frame": "VAE {} ms/frame", "source": "{} inputs",
+            "kv_comm": "{} K/V exchange", "source": "{} inputs",
             "shape": "{}", "sp_layout": "{}", "rule": "{}", "op": "{}", "data": "{} data", "preset": "{}",
             "attention_backend": "{} attention"}
 # bool key -> (word when true, word when false)
@@ -588,11 +603,11 @@ def variant_labels(records: list[dict[str, Any]]) -> list[str]:
 
 
 def facet_groups(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Records split by (hardware, preset): one panel each; GPUs first, the CPU last."""
+    """Records split by (hardware or analytic model, preset): one panel each; the CPU last."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in records:
+    for r, source in zip(records, source_labels(records)):
         preset = r["variant"].get("preset")
-        groups.setdefault((hardware_label(r["hardware"]), "" if preset is None else str(preset)), []).append(r)
+        groups.setdefault((source, "" if preset is None else str(preset)), []).append(r)
 
     def order(item):
         (hw, preset), _ = item
@@ -629,6 +644,8 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
              baseline: dict[str, Any] | None = None) -> Path | None:
     """Horizontal bars of ``metric``, one row of panels per (hardware, preset), best value on top.
 
+    Each row is a subfigure headed by its hardware (or the analytic model's rates), preset and
+    the settings all its bars share, across the whole row, so no panel title sits under it.
     ``companion`` (e.g. ``dit_fps`` beside ``e2e_fps``) gets its own panel to the right, with
     its own scale, where recorded. The spec's baseline variant (the record whose ``baseline``
     names itself, else the one matching ``baseline``, see :func:`spec_baseline`) is
@@ -640,41 +657,67 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
     groups = facet_groups(recs)
     pair = companion is not None and any(_num(r["metrics"].get(companion)) for r in recs)
     metrics = [metric, companion] if pair else [metric]
-    heights = [1.4 + 0.3 * len(g) for _, g in groups]
-    fig = _new_figure(WIDE_FIG_WIDTH_IN if pair else FIG_WIDTH_IN, sum(heights) + 0.5)
-    grid = fig.subplots(len(groups), len(metrics), squeeze=False, gridspec_kw={"height_ratios": heights})
+    width = WIDE_FIG_WIDTH_IN if pair else FIG_WIDTH_IN
+    heads = []
+    for gtitle, grecs in groups:
+        base = _baseline_record(grecs, baseline)
+        sub = common_label(grecs, order)
+        chars = width * _CHARS_PER_IN
+        head = gtitle if len(gtitle) < chars else gtitle.replace(", preset ", "\npreset ", 1)  # a long model label
+        note = "(orange: the spec's baseline; dashed line at its value)" if base is not None else ""
+        if note:
+            head += (" " if len(head.split("\n")[-1]) + len(note) < chars else "\n") + note
+        heads.append((head + (f"\nall rows: {sub}" if sub else ""), base))
+    # a row: its heading, the panel titles and x labels, and at least four bars' height
+    heights = [_BAR_ROW_FIXED_IN + _TITLE_LINE_IN * _wrapped_lines(h, width) + _BAR_IN * max(len(g), 4)
+               for (h, _), (_, g) in zip(heads, groups)]
+    fig = _new_figure(width, sum(heights) + 0.4)
+    rows = fig.subfigures(len(groups), 1, squeeze=False, height_ratios=heights)[:, 0]
     higher = _direction(metric) != "lower"
-    for axes, (gtitle, grecs) in zip(grid, groups):
+    for sf, (head, base), (_, grecs) in zip(rows, heads, groups):
         labels = short_labels(grecs, order)
-        rows = sorted(zip(grecs, labels), key=lambda t: float(t[0]["metrics"][metric]), reverse=higher)
-        base = _baseline_record([r for r, _ in rows], baseline)
-        ys = list(range(len(rows)))
+        bars_of = sorted(zip(grecs, labels), key=lambda t: float(t[0]["metrics"][metric]), reverse=higher)
+        ys = list(range(len(bars_of)))
+        axes = sf.subplots(1, len(metrics), squeeze=False)[0]
         for j, (ax, m) in enumerate(zip(axes, metrics)):
-            vals = [float(r["metrics"][m]) if _num(r["metrics"].get(m)) else float("nan") for r, _ in rows]
-            colors = ["tab:orange" if r is base else ("tab:blue" if j == 0 else "tab:cyan") for r, _ in rows]
+            vals = [float(r["metrics"][m]) if _num(r["metrics"].get(m)) else float("nan") for r, _ in bars_of]
+            colors = ["tab:orange" if r is base else ("tab:blue" if j == 0 else "tab:cyan") for r, _ in bars_of]
             bars = ax.barh(ys, vals, height=0.7, color=colors)
             ax.bar_label(bars, labels=[fmt_num(v) for v in vals], padding=3, fontsize=8)
             if base is not None and _num(base["metrics"].get(m)):
-                bv = float(base["metrics"][m])
-                ax.axvline(bv, color="tab:orange", ls="--", lw=1.2)
+                ax.axvline(float(base["metrics"][m]), color="tab:orange", ls="--", lw=1.2)
             ax.set_yticks(ys)
-            ax.set_yticklabels([lab + (" (baseline)" if r is base else "") for r, lab in rows] if j == 0 else [],
+            ax.set_yticklabels([lab + (" (baseline)" if r is base else "") for r, lab in bars_of] if j == 0 else [],
                                fontsize=9)
-            for tick, (r, _) in zip(ax.get_yticklabels(), rows):
+            for tick, (r, _) in zip(ax.get_yticklabels(), bars_of):
                 if r is base:
                     tick.set_color("tab:orange")
-            ax.set_ylim(len(rows) - 0.5, -0.5)   # best on top
+            ax.set_ylim(len(bars_of) - 0.5, -0.5)   # best on top
             ax.set_xlabel(axis_label(m), fontsize=9)
             ax.margins(x=0.16)
             ax.grid(axis="x", alpha=0.3)
-            if j > 0:
+            if pair:   # the figure title names the first metric; two panels each say what they show
                 ax.set_title(PLOT_TITLES.get(m, m), fontsize=10, loc="left")
-        sub = common_label(grecs, order)
-        head = gtitle + (" (orange: the spec's baseline; dashed line at its value)" if base is not None else "")
-        axes[0].set_title(head + (f"\nall rows: {_wrap(sub, 100)}" if sub else ""), fontsize=10, loc="left")
+        sf.suptitle(_wrap_lines(head, width), fontsize=10, x=0.01, ha="left")
     fig.suptitle(title, fontsize=12)
     save_figure(fig, path)
     return path
+
+
+_BAR_ROW_FIXED_IN = 1.0   # per bar-plot row: panel titles, x tick labels and the x label, inches
+_TITLE_LINE_IN = 0.2      # one line of a row heading at fontsize 10
+_BAR_IN = 0.3             # one bar
+_CHARS_PER_IN = 12        # characters of fontsize-10 text per inch of figure width (a little under)
+
+
+def _wrap_lines(text: str, width_in: float) -> str:
+    """``text`` wrapped line by line to fit a figure ``width_in`` inches wide."""
+    chars = int(width_in * _CHARS_PER_IN)
+    return "\n".join(_wrap(line, chars) for line in text.split("\n"))
+
+
+def _wrapped_lines(text: str, width_in: float) -> int:
+    return _wrap_lines(text, width_in).count("\n") + 1
 
 
 def _baseline_record(records: list[dict[str, Any]], subset: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -845,7 +888,7 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         csv_path = root / "tables" / f"{exp}.csv"
         out.append(write_text(csv_path, df.to_csv(index=False)))
         plots: list[Path] = []
-        if plot_metric:
+        if plot_metric and (bench is None or bench.extra.get("bar_plot", True)):   # or its own figure
             order = list(getattr(bench, "variant_fields", {}) or [])
             png = bar_plot(recs, plot_metric, plot_title(exp, plot_metric), root / "plots" / f"{exp}.png",
                            order=order, companion=_COMPANIONS.get(plot_metric), baseline=spec_baseline(recs, bench))

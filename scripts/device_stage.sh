@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run one stage of the GPU measurements on a lent device machine (README: "Real time on one GPU").
+# Run one stage of the GPU measurements on a lent device machine (README: this script's row
+# under "Commands", and "Where the committed records come from").
 # Usage: COMMIT=<sha> bash scripts/device_stage.sh STAGE [extra repro-run args]
 # Records go to /tmp/res on the device and come back as one archive, $OUT/res.tgz (the device
 # tool returns a limited number of files); logs and profiles are written under $OUT.

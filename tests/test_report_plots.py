@@ -35,12 +35,12 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _write(root: Path, experiment: str, variant: dict, metrics: dict, hw=H200, commit="abcdef0123456789",
            baseline: str | None = None, benchmark: str = "inference_speed", spec: str = "experiments/x.yaml",
-           created: str | None = None) -> dict:
+           created: str | None = None, measure: dict | None = None) -> dict:
     from repro.spec import make_slug
 
     slug = make_slug(variant, sorted(variant))
     rec = make_record(experiment=experiment, benchmark=benchmark, variant=variant, slug=slug, hardware=hw,
-                      metrics=metrics, measure={}, spec=spec, git={"commit": commit, "dirty": False})
+                      metrics=metrics, measure=measure or {}, spec=spec, git={"commit": commit, "dirty": False})
     if baseline is not None:
         rec["baseline"] = {"variant_slug": baseline, "metric": "e2e_fps"}
     if created is not None:
@@ -162,6 +162,22 @@ def test_short_labels_name_only_what_differs():
 
 # ---------------------------------------------------------------- plots
 
+def _overlapping_texts(fig) -> list[tuple[str, str]]:
+    """Pairs of texts (figure and row headings, panel titles, axis labels, bar labels) whose
+    drawn boxes overlap."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = list(fig.texts) + [t for sf in fig.subfigs for t in sf.texts]
+    for ax in fig.axes:
+        texts += [c for c in ax.get_children() if isinstance(c, Text)] + [ax.xaxis.label, ax.yaxis.label]
+    texts = [t for t in texts if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:]
+            if ba.overlaps(bb) and ba.intersection(ba, bb).width > 1 and ba.intersection(ba, bb).height > 1]
+
+
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the report saves, by file name (still written to disk)."""
@@ -185,10 +201,15 @@ def test_bar_plot_facets_by_hardware_and_preset(tmp_path, figures):
     assert w <= 1800 and h <= 2000, (w, h)
     fig = figures["realtime.png"]
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    # one row per (hardware, preset), each with an e2e panel and a DiT-only panel on its own scale
+    # one row per (hardware, preset), each with an e2e panel and a DiT-only panel on its own scale,
+    # headed across the row by its hardware, preset and shared settings
     assert len(axes) == 4
-    titles = [ax.get_title(loc="left") for ax in axes]
-    assert titles[0].startswith("NVIDIA H200, preset wan22_ti2v_5b") and titles[2].startswith("cpu, preset tiny")
+    heads = [sf.get_suptitle() for sf in fig.subfigs]
+    assert heads[0].startswith("NVIDIA H200, preset wan22_ti2v_5b") and heads[1].startswith("cpu, preset tiny")
+    assert "all rows: " in heads[0]
+    assert [ax.get_title(loc="left") for ax in axes] == ["end-to-end generation speed",
+                                                         "DiT-only generation speed"] * 2
+    assert not _overlapping_texts(fig)
     labels = [t.get_text() for t in axes[0].get_yticklabels()]
     assert labels[0] == "fp8 2-step, tae stream"            # best first
     assert "fp8 2-step, wan sync (baseline)" in labels and max(map(len, labels)) < 60
@@ -197,6 +218,97 @@ def test_bar_plot_facets_by_hardware_and_preset(tmp_path, figures):
     assert any(list(line.get_xdata()) == [12.8, 12.8] for line in axes[0].lines)
     assert any(list(line.get_xdata()) == [51.2, 51.2] for line in axes[1].lines)
     assert "higher is better" in fig.get_suptitle()
+
+
+def test_a_row_of_two_bars_is_not_squashed(tmp_path, figures):
+    for mode, fps in (("sync", 10.3), ("device", 8.1)):
+        _write(tmp_path, "vae_second_gpu", {**RT, "preset": "tiny", "vae_mode": mode},
+               {"e2e_fps": fps, "dit_fps": 20 * fps}, hw=CPU)
+    report.build_report(tmp_path)
+    w, h = _png_size(tmp_path / "plots" / "vae_second_gpu.png")
+    assert h >= 330, (w, h)       # the heading's lines, two panel titles, x labels and the bars
+    fig = figures["vae_second_gpu.png"]
+    for ax in fig.axes:           # the bars get at least 1.2 in of the row's height
+        assert ax.get_window_extent().height >= 1.2 * report.PLOT_DPI * 0.75
+    assert not _overlapping_texts(fig)
+
+
+SP_COST = {"preset": "wan22_ti2v_5b", "frames": 96, "halo": 28}
+H100_RATES = {"gemm_tflops": 750.0, "attn_tflops": 650.0, "link_gbps": 450.0, "vae_encode_tflops": 322.0}
+
+
+def test_analytic_models_are_named_by_their_rates_not_the_cpu(tmp_path, figures):
+    """A cost model computed on a CPU is labelled as the model with the GPU rates it assumes."""
+    root = tmp_path / "h100"
+    for sp, layout, step in ((4, "naive", 10.3), (4, "balanced", 8.6)):
+        _write(root, "sp_training_cost", {**SP_COST, "sp_size": sp, "sp_layout": layout},
+               {"est_step_s": step, "est_tokens_per_s": 1e5 / step}, hw=CPU, benchmark="sp_training_cost",
+               measure=H100_RATES)
+    _write(tmp_path / "slow", "sp_training_cost", {**SP_COST, "sp_size": 4, "sp_layout": "naive"},
+           {"est_step_s": 20.0, "est_tokens_per_s": 5e3}, hw=CPU, benchmark="sp_training_cost",
+           measure={**H100_RATES, "link_gbps": 50.0})
+    report.build_report(tmp_path / "slow")
+    assert "analytic model, assumed rates: " in (tmp_path / "slow" / "tables" / "sp_training_cost.md").read_text()
+    report.build_report(root)
+    label = ("analytic model, H100 rates: GEMM 750 / attention 650 TFLOP/s, link 450 GB/s, "
+             "VAE encode 322 TFLOP/s")
+    md = (root / "tables" / "sp_training_cost.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| analytic")]
+    assert len(rows) == 2 and all(row.startswith(f"| {label} |") for row in rows)
+    assert "| cpu |" not in md
+    assert f"| sp_training_cost | 2 | {label} |" in (root / "tables" / "README.md").read_text()
+    fig = figures["sp_training_cost.png"]
+    assert fig.subfigs[0].get_suptitle().startswith(label)
+    assert not _overlapping_texts(fig)
+
+
+def _train_memory(root: Path) -> None:
+    base = {"preset": "wan22_ti2v_5b", "num_layers": 0, "sp_size": 0, "gradient_checkpointing": True,
+            "ema": False, "measured": False}
+    for gpus in (1, 2, 4, 8):
+        for frames in (96, 192, 384):
+            for sharding, offload, peak in (("none", False, 120.0), ("fsdp", False, 60.0), ("fsdp", True, 30.0)):
+                _write(root, "train_memory", {**base, "gpus": gpus, "frames": frames, "sharding": sharding,
+                                              "offload": offload},
+                       {"model_peak_gb": peak * frames / 96 / gpus ** 0.5}, hw=CPU, benchmark="train_memory")
+    _write(root, "train_memory", {**base, "gpus": 4, "frames": 96, "sharding": "fsdp", "offload": False,
+                                  "gradient_checkpointing": False}, {"model_peak_gb": 358.0}, hw=CPU,
+           benchmark="train_memory")
+    for sharding, model, real in (("none", 0.00296, 0.00308), ("fsdp", 0.00294, 0.00279)):
+        _write(root, "train_memory", {**base, "preset": "tiny", "gpus": 1, "frames": 8, "sharding": sharding,
+                                      "offload": False, "measured": True},
+               {"model_peak_gb": model, "measured_peak_gb": real, "model_error": model / real - 1}, hw=CPU,
+               benchmark="train_memory")
+
+
+def test_train_memory_figure_reads_at_a_glance(tmp_path, figures):
+    """Not 39 bars in one panel: a panel per GPU count, peak over clip length, a line per sharding
+    setting and the GPUs' memory; the measured rows beside the model; the model rows labelled as
+    the model, not as the CPU that computed them."""
+    _train_memory(tmp_path)
+    paths = report.build_report(tmp_path)
+    png = tmp_path / "plots" / "train_memory.png"
+    assert paths.count(png) == 1
+    w, h = _png_size(png)
+    assert w <= 1800 and h <= 1200, (w, h)
+    fig = figures["train_memory.png"]
+    assert "model_peak_gb" not in fig.get_suptitle() and "lower is better" in fig.get_suptitle()
+    curves, measured = fig.subfigs
+    assert curves.get_suptitle().startswith("analytic memory model (no device), preset wan22_ti2v_5b")
+    assert [ax.get_title() for ax in curves.axes] == ["1 GPU (SP 1)", "2 GPUs (SP 2)", "4 GPUs (SP 4)",
+                                                      "8 GPUs (SP 8)"]
+    assert len(curves.axes[0].lines) == 3 + 2      # three sharding lines, the 80 and 141 GB marks
+    assert len(curves.axes[2].lines) == 4 + 2      # and the no-checkpointing control
+    legend = [t.get_text() for t in curves.legends[0].get_texts()]
+    assert legend == ["replicated (sharding none)", "FSDP", "FSDP + CPU offload", "FSDP no checkpointing",
+                      "80 GB (H100)", "141 GB (H200)"]
+    ticks = [t.get_text() for t in measured.axes[0].get_yticklabels()]
+    assert ticks == ["cpu, preset tiny, replicated (sharding none) (model error -3.9%)",
+                     "cpu, preset tiny, FSDP (model error +5.4%)"]
+    assert "(MB)" in measured.axes[0].get_xlabel()
+    assert not _overlapping_texts(fig)
+    md = (tmp_path / "tables" / "train_memory.md").read_text()
+    assert md.count("| analytic memory model (no device) |") == 37 and md.count("| cpu |") == 2
 
 
 def test_speed_vs_memory_and_quality_scatter(tmp_path, figures):

@@ -54,7 +54,7 @@ from impl.parallel.sp_exchange import block_bytes
 from impl.parallel.sp_inference import config_block_bytes
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._shared import inference_field, preset_field
-from repro.roofline import H100_RATE_FIELDS, block_flops
+from repro.roofline import H100_RATE_FIELDS, analytic_label, block_flops
 
 BF16 = 2
 ROWS_REF = (168960, 675840)     # rows of the nvfp4_kernels H100 records (one and four 5B blocks of K)
@@ -156,6 +156,13 @@ def run_sp_inference_cost(variant: dict[str, Any], measure: dict[str, Any], hard
     return m
 
 
+def _source_label(record: dict[str, Any]) -> str:
+    """The tables' and plots' name for these records: an analytic model and its rates."""
+    return analytic_label(record, SP_INFERENCE_COST.measure_fields,
+                          "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s at {compute_efficiency} efficiency, "
+                          "link {link_gbps} GB/s, VAE decode {vae_block_ms} ms per block")
+
+
 SP_INFERENCE_COST = register(Benchmark(
     name="sp_inference_cost",
     description=("Analytic per-block time and bytes of Ulysses SP streaming inference (one AR block: steps + 1 "
@@ -193,4 +200,5 @@ SP_INFERENCE_COST = register(Benchmark(
                    "nvfp4_breakeven_link_gbps"],
     primary_metric="est_dit_fps",
     plot="est_dit_fps",
+    extra={"analytic": _source_label},
 ))

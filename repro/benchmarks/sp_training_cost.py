@@ -77,14 +77,20 @@ Weights, gradients and optimizer states are not activations and are not counted.
 
 Step time per rank (no overlap of compute, communication and VAE encoding assumed):
   est_step_s = GEMM / gemm_tflops + attn / attn_tflops + comm_bytes / link_gbps
-               + vae_encode_ms_per_frame x (raw frames of the rank encoding the most).
-``vae_encode_ms_per_frame`` = 0 (the default) means VAE time is not modelled; the VAE encode
-FLOPs are still reported. They are counted with ``torch.utils.flop_counter.FlopCounterMode``
-on the preset's diffusers ``AutoencoderKLWan`` built on the meta device at full resolution
-(no weights, no data: only shapes flow), once per preset: the encoder runs the first frame
-alone and then chunks of 4 raw frames, so a 1+4k-frame window costs
-first + k x chunk, with first = flops(1 frame) and chunk = flops(5 frames) - flops(1 frame).
-Every balanced window (pseudo-prefix included) and the full clip have 1+4k frames.
+               + VAE-encode FLOPs of the rank encoding the most / vae_encode_tflops.
+The VAE term is the critical path where the layouts differ: the naive root encodes the whole
+clip while the other ranks wait; a balanced rank encodes its window (plus halo). The encode
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the preset's diffusers
+``AutoencoderKLWan`` built on the meta device at full resolution (no weights, no data: only
+shapes flow), once per preset: the encoder runs the first frame alone and then chunks of 4
+raw frames, so a 1+4k-frame window costs first + k x chunk, with first = flops(1 frame) and
+chunk = flops(5 frames) - flops(1 frame). Every balanced window (pseudo-prefix included) and
+the full clip have 1+4k frames. No VAE encode has been timed on a GPU here, so the rate
+``vae_encode_tflops`` (default 322 TFLOP/s) is an assumption taken from the closest measured
+record: the full Wan2.2 VAE *decoder* of the same preset on our H100 (results/vae_decode, BF16,
+eager, channels-first, commit bca14e5: 531 TFLOP per block in 1.65 s), i.e. the encoder's
+convolutions are assumed to run as fast as the decoder's. At the 5B preset that is 12.6 TFLOP
+per 4-frame chunk, so ``vae_encode_ms_per_frame`` (reported) = 9.8 ms per raw frame.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ from impl.modes import SPLayout, choices
 from impl.parallel.layout import TeacherForcingLayout, attention_density
 from impl.parallel.sp_vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.roofline import H100_RATE_FIELDS
+from repro.roofline import H100_RATE_FIELDS, analytic_label
 
 BF16 = 2  # bytes per element
 
@@ -173,12 +179,18 @@ def vae_window_flops(preset_name: str, raw_frames: int) -> float:
 # ------------------------------------------------------------------ the cost model
 
 
+VAE_ENCODE_RATE_FIELD = FieldSpec(
+    float, 322.0, min=1e-6,
+    help="VAE encode rate, TFLOP/s: assumed equal to the full Wan2.2 VAE decoder's measured on our H100 "
+         "(results/vae_decode, BF16 eager: 322); no encode was timed")
+
+
 @dataclass(frozen=True)
 class Rates:
     gemm_tflops: float = 750.0
     attn_tflops: float = 650.0
     link_gbps: float = 450.0
-    vae_encode_ms_per_frame: float = 0.0
+    vae_encode_tflops: float = VAE_ENCODE_RATE_FIELD.default
 
 
 def check_variant(variant: dict[str, Any]) -> None:
@@ -270,7 +282,7 @@ def training_cost(preset_name: str, frames: int, sp_size: int, sp_layout: str, *
     gemm_s = gemm / (rates.gemm_tflops * 1e12)
     attn_s = attn / (rates.attn_tflops * 1e12)
     comm_s = comm / (rates.link_gbps * 1e9)
-    vae_s = rates.vae_encode_ms_per_frame * 1e-3 * max(raw)
+    vae_s = max(vae_flops) / (rates.vae_encode_tflops * 1e12)
     step = gemm_s + attn_s + comm_s + vae_s
     return {
         "tokens_per_rank": n,
@@ -291,16 +303,24 @@ def training_cost(preset_name: str, frames: int, sp_size: int, sp_layout: str, *
         "attn_s": attn_s,
         "comm_s": comm_s,
         "vae_s": vae_s,
-        "vae_time_modelled": rates.vae_encode_ms_per_frame > 0,
+        "vae_encode_ms_per_frame": (vae_encode_flops(preset_name)[1] / p.vae.temporal_factor
+                                    / (rates.vae_encode_tflops * 1e12) * 1e3),
         "est_step_s": step,
         "est_tokens_per_s": seq / step,
     }
 
 
+def _source_label(record: dict[str, Any]) -> str:
+    """The tables' and plots' name for these records: an analytic model and its rates."""
+    fields = dict(H100_RATE_FIELDS, vae_encode_tflops=VAE_ENCODE_RATE_FIELD)
+    return analytic_label(record, fields, "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s, link {link_gbps} "
+                                          "GB/s, VAE encode {vae_encode_tflops} TFLOP/s")
+
+
 def run_sp_training_cost(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     check_variant(variant)
     rates = Rates(gemm_tflops=measure["gemm_tflops"], attn_tflops=measure["attn_tflops"],
-                  link_gbps=measure["link_gbps"], vae_encode_ms_per_frame=variant["vae_encode_ms_per_frame"])
+                  link_gbps=measure["link_gbps"], vae_encode_tflops=measure["vae_encode_tflops"])
     kw = dict(halo=variant["halo"], rates=rates)
     args = (variant["preset"], variant["frames"], variant["sp_size"])
     metrics = training_cost(*args, variant["sp_layout"], **kw)
@@ -320,7 +340,8 @@ SP_TRAINING_COST = register(Benchmark(
                  "checkpoint recompute) under Balanced vs naive sequence parallelism: tokens, GEMM and "
                  "attention TFLOP, VAE encode critical path, bytes sent by the busiest rank (Ulysses "
                  "all-to-alls + layout data; DP all-reduce excluded), activation memory and an "
-                 "estimated step time at nominal rates (VAE time only if vae_encode_ms_per_frame > 0). "
+                 "estimated step time at H100 rates (VAE encode at the Wan2.2 VAE decoder's measured "
+                 "H100 rate, an assumption). "
                  "Not measured: see repro/benchmarks/sp_training_cost.py for the formulas."),
     variant_fields={
         "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
@@ -330,15 +351,14 @@ SP_TRAINING_COST = register(Benchmark(
                                help="balanced: clean+noisy of the same frames per rank; naive: contiguous "
                                     "cut of [clean; noisy] (sp_size 1 or even)"),
         "halo": FieldSpec(int, 28, min=0, help="balanced VAE halo in latents (exact from 27)"),
-        "vae_encode_ms_per_frame": FieldSpec(float, 0.0, min=0.0,
-                                             help="VAE encode time per raw frame; 0 = VAE time not modelled"),
     },
-    measure_fields=dict(H100_RATE_FIELDS),
+    measure_fields=dict(H100_RATE_FIELDS, vae_encode_tflops=VAE_ENCODE_RATE_FIELD),
     run=run_sp_training_cost,
     check_variant=check_variant,
     table_metrics=["tokens_per_rank", "gemm_tflop_per_rank", "attn_tflop_per_rank", "vae_raw_frames_max_rank",
-                   "vae_encode_tflop_max_rank", "comm_bytes_per_rank", "activation_mem_gb", "est_step_s",
+                   "vae_encode_tflop_max_rank", "vae_s", "comm_bytes_per_rank", "activation_mem_gb", "est_step_s",
                    "est_tokens_per_s", "est_speedup_vs_naive"],
     primary_metric="est_tokens_per_s",
     plot="est_step_s",
+    extra={"analytic": _source_label},
 ))
