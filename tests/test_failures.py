@@ -291,3 +291,35 @@ def test_later_specs_of_make_reproduce_stay_clean(tmp_path, monkeypatch):
         run_spec(spec, results_dir=root / "results", device="cpu", progress=False)
     recs = load_records(root / "results")
     assert len(recs) == 3 and [r["dirty"] for r in recs] == [False, False, False]
+
+
+# ---------------------------------------------------------------- file modes (issue 25 item 11)
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def test_every_writer_honours_the_umask(tmp_path, umask_027):
+    import torch
+
+    from impl.config import get_preset
+    from impl.io import write_json
+    from impl.model.checkpoint import save_dit_weights
+    from impl.model.dit import CausalWanDiT
+    from impl.train.checkpoint import TrainState, save_checkpoint
+    from impl.train.lora import LoraSpec, add_lora, save_lora
+
+    model = CausalWanDiT(get_preset("tiny").dit, dtype=torch.float32)
+    written = [write_json(tmp_path / "record.json", {"a": 1}),
+               save_dit_weights(model, tmp_path / "export.safetensors")]
+    ckpt = save_checkpoint(tmp_path / "run", TrainState(3, {"w": torch.zeros(2)}, {"m": torch.zeros(2)},
+                                                        {"w": torch.zeros(2)}, {}), max_checkpoints=2)
+    written += sorted(ckpt.iterdir())
+    written.append(save_lora(tmp_path / "l.safetensors", add_lora(model, LoraSpec(rank=2, alpha=2)), steps=1,
+                             base_hash="x"))
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {oct(umask_027)}, modes
+    assert len(modes) == 7

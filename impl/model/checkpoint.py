@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -352,12 +351,5 @@ def save_dit_weights(model: nn.Module, path: str | os.PathLike, *, layout: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"layout": layout, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from impl.io import save_safetensors
+    return save_safetensors(path, sd, meta)

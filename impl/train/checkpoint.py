@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from impl.io import save_safetensors
 
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
 SINGLE_FILE = "safetensors"
@@ -56,10 +58,10 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, max_checkpoints: int
     tmp = out / f".tmp_checkpoint_{state.step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_cpu(state.model), tmp / "model.safetensors", metadata={"step": str(state.step)})
-    save_file(_cpu(state.optimizer), tmp / "optimizer.safetensors")
+    save_safetensors(tmp / "model.safetensors", _cpu(state.model), {"step": str(state.step)})
+    save_safetensors(tmp / "optimizer.safetensors", _cpu(state.optimizer))
     if state.ema is not None:
-        save_file(_cpu(state.ema), tmp / "ema.safetensors")
+        save_safetensors(tmp / "ema.safetensors", _cpu(state.ema))
     (tmp / "trainer.json").write_text(json.dumps({"step": state.step, **state.meta}, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
