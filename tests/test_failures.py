@@ -323,3 +323,62 @@ def test_every_writer_honours_the_umask(tmp_path, umask_027):
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
     assert set(modes.values()) == {oct(umask_027)}, modes
     assert len(modes) == 7
+
+
+# ---------------------------------------------------------------- training CLI (issue 25 items 9, 10, 13)
+
+TRAIN = ["--preset", "tiny", "--data", "synthetic-latents", "--data-length", "2", "--no-progress"]
+
+
+def _train(argv, capsys):
+    from impl.train.__main__ import main as train_main
+    rc = train_main(argv)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--data", "MISSING"], "--data: "),
+    (["--data", "EMPTY"], "--data: VideoFolderDataset.root: no .mp4 files"),
+    (["--frames", "3"], "TrainConfig.frames: must be whole AR blocks"),
+    (["--config", "LR_FAST"], "TrainConfig.lr: must be a number, got 'fast'"),
+])
+def test_train_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys, extra, needle):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "c.yaml").write_text('lr: "fast"\n')
+    subst = {"MISSING": str(tmp_path / "nope"), "EMPTY": str(tmp_path / "empty"), "LR_FAST": str(tmp_path / "c.yaml")}
+    argv = [*TRAIN, "--out", str(tmp_path / "o"), *[subst.get(a, a) for a in extra]]
+    rc, err = _train(argv, capsys)
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_yaml_float_without_a_dot_is_a_number():
+    from impl.train.config import TrainConfig
+    assert TrainConfig.from_dict({"lr": "1e-5"}).lr == 1e-5     # YAML 1.1 reads 1e-5 as a string
+
+
+def test_train_cli_summary_resume_line_and_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, err = _train([*TRAIN, "--steps", "2", "--checkpoint-every", "1", "--out", str(out)], capsys)
+    assert rc == 0 and len(err) == 1
+    assert err[0].startswith("trained steps 1-2 of 2") and "final loss" in err[0]
+    assert err[0].endswith(f"checkpoint {out / 'checkpoint_000002'}")
+
+    rc, err = _train([*TRAIN, "--steps", "3", "--checkpoint-every", "1", "--out", str(out)], capsys)
+    assert rc == 0 and err[0] == f"resumed from {out / 'checkpoint_000002'} at step 2"
+    assert err[1].startswith("trained steps 3-3 of 3")
+
+    # truncate the newest checkpoint's optimizer file: the run names it and resumes from the one before
+    bad = out / "checkpoint_000003" / "optimizer.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+    rc, err = _train([*TRAIN, "--steps", "3", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert err[0].startswith(f"warning: skipped checkpoint {out / 'checkpoint_000003'}: {bad}: truncated or corrupt")
+    assert err[1] == f"resumed from {out / 'checkpoint_000002'} at step 2 (the newest intact checkpoint)"
+    assert err[2].startswith("trained steps 3-3 of 3")
+
+    # every checkpoint corrupt (here trainer.json): exit 1, one line naming the file
+    for ckpt in out.glob("checkpoint_*"):
+        (ckpt / "trainer.json").write_text('{"step": 2, "conf')
+    rc, err = _train([*TRAIN, "--steps", "4", "--out", str(out)], capsys)
+    assert rc == 1 and len(err) == 1 and "trainer.json: truncated or corrupt" in err[0], err
+    assert "no older intact checkpoint" in err[0]

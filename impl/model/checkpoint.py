@@ -180,6 +180,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     naming the file and what was expected (:class:`CheckpointError`).
     """
     path = Path(path)
+    if path.is_dir() and (path / "trainer.json").is_file():   # an impl.train checkpoint_<step> folder
+        if (path / "model.safetensors").is_file():
+            return _load_safetensors(path / "model.safetensors"), CheckpointInfo(str(path / "model.safetensors"))
+        raise CheckpointError(f"{path}: a sharded training checkpoint (no model.safetensors); export its weights "
+                              f"first: python -m impl.train.checkpoint export {path} OUT.safetensors")
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.safetensors"))

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from impl.io import save_safetensors
+from impl.model.checkpoint import CheckpointError
 
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
 SINGLE_FILE = "safetensors"
@@ -79,14 +80,27 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A file of a checkpoint folder is missing, truncated or corrupt; the message names it."""
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from impl.model.checkpoint import _first_line
+    if not file.is_file():
+        raise CorruptCheckpoint(f"{file}: missing from the checkpoint")
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({_first_line(e)})") from None
+
+
 def load_checkpoint(path: str | Path) -> TrainState:
+    """Read every file of a (sharding none) checkpoint; nothing is returned half-read."""
     path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer.json)")
-    meta = json.loads((path / "trainer.json").read_text())
-    ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
-    return TrainState(int(meta.pop("step")), load_file(path / "model.safetensors"),
-                      load_file(path / "optimizer.safetensors"), ema, meta)
+    meta = checkpoint_meta(path)
+    ema = _read_tensors(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
+    return TrainState(int(meta.pop("step")), _read_tensors(path / "model.safetensors"),
+                      _read_tensors(path / "optimizer.safetensors"), ema, meta)
 
 
 # ---------------------------------------------------------------- shared by both formats
@@ -94,9 +108,18 @@ def load_checkpoint(path: str | Path) -> TrainState:
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """``trainer.json`` of a checkpoint folder (step, format, config, world layout)."""
     path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer.json)")
-    return json.loads((path / "trainer.json").read_text())
+    file = path / "trainer.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder (expected OUT/checkpoint_<step>)")
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (no trainer.json)")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CorruptCheckpoint(f"{file}: not a trainer.json (no integer 'step')")
+    return meta
 
 
 def checkpoint_format(meta: dict[str, Any]) -> str:
@@ -203,8 +226,9 @@ def read_checkpoint_weights(path: str | Path, *, ema: bool = False) -> dict[str,
     if checkpoint_format(meta) == SINGLE_FILE:
         f = path / f"{name}.safetensors"
         if not f.is_file():
-            raise FileNotFoundError(f"{path}: no {f.name} (the run had no EMA yet)" if ema else f"{path}: no {f.name}")
-        return load_file(f)
+            raise CheckpointError(f"{path}: no {f.name} (the run had no EMA yet: --ema needs a checkpoint written "
+                                  f"after ema_start_step)" if ema else f"{path}: no {f.name}")
+        return _read_tensors(f)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     import torch.distributed.checkpoint as dcp
