@@ -382,3 +382,44 @@ def test_train_cli_summary_resume_line_and_corrupt_checkpoint(tmp_path, capsys):
     rc, err = _train([*TRAIN, "--steps", "4", "--out", str(out)], capsys)
     assert rc == 1 and len(err) == 1 and "trainer.json: truncated or corrupt" in err[0], err
     assert "no older intact checkpoint" in err[0]
+
+
+def test_distill_cli_rejects_3_steps_and_a_corrupt_teacher(tmp_path, capsys):
+    from impl.train.distill import main as distill_main
+    with pytest.raises(SystemExit) as exc:
+        distill_main(["--teacher", str(tmp_path), "--sampling-steps", "3", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "--sampling-steps" in capsys.readouterr().err
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    rc = distill_main(["--teacher", str(teacher), "--iters", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --teacher: {teacher}"), err
+
+
+def test_checkpoint_export_errors_are_one_line(tmp_path, capsys):
+    import torch
+
+    from impl.train.checkpoint import TrainState, _main as export_main, save_checkpoint
+    out = str(tmp_path / "w.safetensors")
+    assert export_main(["export", str(tmp_path / "missing"), out]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+    ckpt = save_checkpoint(tmp_path / "run", TrainState(1, {"w": torch.zeros(2)}, {"m": torch.zeros(2)}, None, {}), 2)
+    assert export_main(["export", str(ckpt), out, "--ema"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no ema.safetensors" in err[0] and "ema_start_step" in err[0]
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 4)
+    assert export_main(["export", str(ckpt), out]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{ckpt / 'model.safetensors'}: truncated or corrupt" in err[0]
+    assert not os.path.exists(out)
+
+
+def test_dit_flag_accepts_a_training_checkpoint_folder(tmp_path):
+    import torch
+
+    from impl.model.checkpoint import read_checkpoint
+    from impl.train.checkpoint import TrainState, save_checkpoint
+    ckpt = save_checkpoint(tmp_path / "run", TrainState(1, {"w": torch.ones(2)}, {"exp_avg.w": torch.zeros(2)},
+                                                        None, {}), 2)
+    sd, info = read_checkpoint(ckpt)
+    assert list(sd) == ["w"] and info.path == str(ckpt / "model.safetensors")   # not the optimizer's keys

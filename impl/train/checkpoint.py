@@ -238,7 +238,7 @@ def read_checkpoint_weights(path: str | Path, *, ema: bool = False) -> dict[str,
     shapes = {k[len(prefix):]: v for k, v in md.items()
               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     if not shapes:
-        raise FileNotFoundError(f"{path}: the checkpoint has no {name} tensors" + (" (no EMA yet)" if ema else ""))
+        raise CheckpointError(f"{path}: the checkpoint has no {name} tensors" + (" (no EMA yet)" if ema else ""))
     state = {name: {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in shapes.items()}}
     with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
@@ -262,6 +262,7 @@ def export_dit_weights(path: str | Path, out: str | Path, *, ema: bool = False,
 
 def _main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
 
     from impl.inference.build import torch_dtype
     from impl.modes import DType, choices
@@ -275,8 +276,23 @@ def _main(argv: list[str] | None = None) -> int:
     ex.add_argument("--ema", action="store_true", help="export the EMA weights (default: the trained weights)")
     ex.add_argument("--dtype", choices=choices(DType), help="cast to this dtype (default: keep float32 masters)")
     args = ap.parse_args(argv)
-    out = export_dit_weights(args.checkpoint, args.out, ema=args.ema,
-                             dtype=torch_dtype(args.dtype) if args.dtype else None)
+    from impl.io import output_problem
+    problem = output_problem(args.out, folder=False)
+    if problem is not None:
+        print(f"error: out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        out = export_dit_weights(args.checkpoint, args.out, ema=args.ema,
+                                 dtype=torch_dtype(args.dtype) if args.dtype else None)
+    except CorruptCheckpoint as exc:   # a file of an existing checkpoint is damaged: a runtime failure
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, FileNotFoundError) as exc:   # no such checkpoint, no EMA in it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

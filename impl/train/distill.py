@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", default="tiny",
                     help=f"model size preset: {' | '.join(sorted(PRESETS))} (default: tiny)")
     ap.add_argument("--teacher", required=True, type=Path, help="AR checkpoint folder or DiT checkpoint (required)")
-    ap.add_argument("--sampling-steps", type=int, default=4, help="student steps per block, 4 or 2 (default: 4)")
+    ap.add_argument("--sampling-steps", type=int, default=4, choices=(4, 2),
+                    help="student steps per block, 4 or 2: the release's UniPC step lists (default: 4)")
     ap.add_argument("--iters", type=int, default=100, help="distillation iterations (default: 100)")
     ap.add_argument("--blocks", type=int, default=4, help="AR blocks per rollout (default: 4)")
     ap.add_argument("--lora-rank", type=int, default=128, help="LoRA rank of student and critic (default: 128)")
@@ -101,7 +102,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     from impl.config import get_preset
     from impl.inference.build import torch_dtype
-    from impl.model.checkpoint import load_dit_weights
+    from impl.model.checkpoint import CheckpointError, load_dit_weights
     from impl.model.dit import CausalWanDiT
     from impl.model.text_encoder import TextEncoder
     from impl.parallel.fsdp import gather_lora_state_dict
@@ -126,7 +127,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     groups = build_groups(1)
     dtype = torch_dtype(args.dtype)
     teacher = CausalWanDiT(preset.dit, device=device, dtype=dtype)
-    load_dit_weights(teacher, _teacher_file(args.teacher))
+    try:
+        load_dit_weights(teacher, _teacher_file(args.teacher))
+    except CheckpointError as exc:   # corrupt, or a checkpoint of another model
+        print(f"error: --teacher: {exc}", file=sys.stderr)
+        return 2
     teacher.requires_grad_(False).eval()
     base_hash = base_fingerprint(teacher)
     torch.manual_seed(args.seed)   # peft draws LoRA A from the global generator: same --seed, same LoRA
