@@ -423,3 +423,29 @@ def test_dit_flag_accepts_a_training_checkpoint_folder(tmp_path):
                                                         None, {}), 2)
     sd, info = read_checkpoint(ckpt)
     assert list(sd) == ["w"] and info.path == str(ckpt / "model.safetensors")   # not the optimizer's keys
+
+
+# ---------------------------------------------------------------- generate (issue 25 item 10)
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--precision", "nvfp4_te"], "--precision nvfp4_te: Transformer Engine NVFP4 cannot run here"),
+    (["--lora", "MISSING"], "--lora MISSING: no such file"),
+    (["--dit", "MISSING"], "--dit MISSING: no such file or folder"),
+    (["--shot", "a::1000000000"], "one run generates at most"),
+])
+def test_generate_user_mistakes_are_one_line_exit_2(tmp_path, capsys, monkeypatch, extra, needle):
+    import impl.inference.build as build
+    import impl.quant.te_linear as te
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(build, "build_pipeline", no_model)
+    monkeypatch.setattr(te, "te_nvfp4_status", lambda device=None: (False, "no Blackwell GPU"))
+    missing = str(tmp_path / "nope.safetensors")
+    argv = ["generate", "--preset", "tiny", "--shot", "a cat", "--out", str(tmp_path / "v.mp4"), "--device", "cpu",
+            *[missing if a == "MISSING" else a for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle.replace("MISSING", missing) in err[0], err
