@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -131,3 +133,24 @@ def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | Non
     os.close(fd)
     os.unlink(tmp)
     return None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`impl.errors.Terminated` (a KeyboardInterrupt)
+    in the main thread, so a ``kill`` cleans up hidden temp files as Ctrl-C does. Does nothing
+    outside the main thread (signal handlers can only be set there)."""
+    from impl.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -449,3 +450,72 @@ def test_generate_user_mistakes_are_one_line_exit_2(tmp_path, capsys, monkeypatc
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle.replace("MISSING", missing) in err[0], err
+
+
+# ---------------------------------------------------------------- mp4 output (issue 25 item 8)
+
+def test_full_disk_while_writing_the_mp4_leaves_nothing(tmp_path):
+    """A real short write: ffmpeg under a file-size limit (EFBIG, as a full disk gives ENOSPC)
+    leaves an mp4 without its moov atom, which imageio does not report; the writer must."""
+    script = tmp_path / "fsz.py"
+    script.write_text(
+        "import resource, sys, numpy as np\n"
+        "from impl.video_io import Mp4Writer, VideoWriteError\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "frames = np.random.default_rng(0).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)\n"
+        "try:\n"
+        "    with Mp4Writer(sys.argv[1]) as w:\n"
+        "        w.append_uint8(frames)\n"
+        "except VideoWriteError as e:\n"
+        "    print(e); sys.exit(1)\n")
+    out = tmp_path / "v" / "a.mp4"
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 1, proc.stderr
+    assert "no moov atom" in proc.stdout and str(out) in proc.stdout
+    assert list(out.parent.iterdir()) == []
+
+
+def test_generate_enospc_exits_1_with_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import imageio.v2 as iio
+
+    real_get_writer = iio.get_writer
+
+    class FullDisk:
+        def __init__(self, *a, **k):
+            self.real = real_get_writer(*a, **k)
+
+        def append_data(self, frame):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.real.close()
+
+    monkeypatch.setattr(iio, "get_writer", FullDisk)
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--preset", "tiny", "--shot", "a cat", "--out", str(out), "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("blocks")]
+    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_generate_removes_the_hidden_temp_file(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "v.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "repro", "generate", "--preset", "tiny", "--shot", "a cat::200",
+                             "--out", str(out), "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".v.*.tmp.mp4")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".v.*.tmp.mp4")), "the writer never opened its temp file"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated"
+    assert list(tmp_path.iterdir()) == []
