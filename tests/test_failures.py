@@ -87,8 +87,10 @@ def test_distill_cli_ctrl_c_exits_130(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(groups, "init_distributed", interrupted)
+    import torch
+    from safetensors.torch import save_file
     teacher = tmp_path / "teacher.safetensors"
-    teacher.write_bytes(b"")
+    save_file({"w": torch.zeros(1)}, str(teacher))   # passes the cheap format check done before Ctrl-C
     assert distill_main(["--teacher", str(teacher), "--out", str(tmp_path / "o"), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
 
@@ -385,13 +387,28 @@ def test_train_cli_summary_resume_line_and_corrupt_checkpoint(tmp_path, capsys):
     assert "no older intact checkpoint" in err[0]
 
 
-def test_distill_cli_rejects_3_steps_and_a_corrupt_teacher(tmp_path, capsys):
+def test_distill_cli_rejects_3_steps_and_a_corrupt_teacher(tmp_path, capsys, monkeypatch):
     from impl.train.distill import main as distill_main
     with pytest.raises(SystemExit) as exc:
         distill_main(["--teacher", str(tmp_path), "--sampling-steps", "3", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "--sampling-steps" in capsys.readouterr().err
     teacher = tmp_path / "teacher.safetensors"
     teacher.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    import impl.parallel.groups as groups
+
+    def no_model(*a, **k):
+        raise AssertionError("got as far as building models")
+
+    with monkeypatch.context() as m:
+        m.setattr(groups, "init_distributed", no_model)
+        rc = distill_main(["--teacher", str(teacher), "--iters", "1", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --teacher: {teacher}"), err
+    # a header that parses but tensors cut short: found when loading, still one line
+    import torch
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1000)}, str(teacher))
+    teacher.write_bytes(teacher.read_bytes()[:-100])
     rc = distill_main(["--teacher", str(teacher), "--iters", "1", "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --teacher: {teacher}"), err

@@ -170,7 +170,11 @@ def sharded_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
+    try:
+        md = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata file
+        from impl.model.checkpoint import _first_line
+        raise CorruptCheckpoint(f"{Path(path) / 'dcp' / '.metadata'}: unreadable ({_first_line(e)})") from None
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -202,7 +206,12 @@ def load_sharded_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         if section in state:   # flat name -> tensor dicts: DCP's flattened keys are section.name
             want = {f"{section}.{k}": tuple(v.shape) for k, v in state[section].items()}
             _check_shapes(path, want, have, section)
-    dcp.load(state, checkpoint_id=path / "dcp")
+    try:
+        dcp.load(state, checkpoint_id=path / "dcp")
+    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+        from impl.model.checkpoint import _first_line
+        raise CorruptCheckpoint(f"{path / 'dcp'}: cannot read its shards (truncated or corrupt?): "
+                                f"{_first_line(e)}") from None
 
 
 # ---------------------------------------------------------------- export for inference

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from impl.config import PRESETS, ConfigError
-from impl.io import output_problem
+from impl.io import output_problem, weight_file_format
 from impl.modes import DType, Sharding, choices
 
 
@@ -126,6 +126,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         videos = read_prompt_file(args.prompts, args.blocks) if args.prompts else None
         if not args.teacher.exists():
             raise ConfigError(f"--teacher: no such checkpoint {args.teacher}")
+        teacher_file = _teacher_file(args.teacher)
+        if teacher_file.is_file() and weight_file_format(teacher_file) is None:   # cheap, before any model
+            raise ConfigError(f"--teacher: {teacher_file}: neither a safetensors nor a torch.save file "
+                              f"(truncated or corrupt?)")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

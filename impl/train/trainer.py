@@ -360,6 +360,8 @@ class Trainer:
             try:
                 self.load(path)
             except CorruptCheckpoint as exc:
+                if self.plan is not None:   # sharded: one rank falling back alone would desynchronise them
+                    raise
                 self.skipped_checkpoints.append((path, str(exc)))
                 continue
             for bad, reason in self.skipped_checkpoints:
