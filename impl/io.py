@@ -2,8 +2,9 @@
 
 Every writer of results, checkpoints, LoRA files, plots and sidecars goes through
 :func:`atomic_path`: the content is written to a temporary name in the same folder (so the
-final ``os.replace`` is a rename on one filesystem), flushed, given mode 0644 (readable by
-others, unlike ``mkstemp``'s 0600) and renamed into place; on any failure, Ctrl-C included,
+final ``os.replace`` is a rename on one filesystem), flushed, given the mode a plain ``open``
+would give (0666 less the umask, usually 0644; ``mkstemp`` and safetensors' writer make 0600
+files) and renamed into place; on any failure, Ctrl-C included,
 the temporary file is removed and the old file (if any) is left untouched.
 """
 
@@ -11,12 +12,30 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-FILE_MODE = 0o644
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less this process's umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:   # reads the umask without changing it
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give a file written by a library that ignores the umask the mode the umask asks for."""
+    os.chmod(path, file_mode())
 
 
 @contextmanager
@@ -32,7 +51,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, FILE_MODE)
+        honour_umask(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -53,6 +72,42 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> Path:
     """Serialise first (an unserialisable value fails before the disk is touched), then write
     atomically; returns the final path."""
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, atomically and with the umask's file mode; returns ``path``."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def weight_file_format(path: str | os.PathLike) -> str | None:
+    """What a weight file is, by its structure (not its name or first byte alone):
+    ``"safetensors"`` (8-byte little-endian header length, then that many bytes of a JSON
+    object), ``"torch_zip"`` (``torch.save``'s zip: the PK magic), ``"torch_pickle"`` (legacy
+    ``torch.save``: the pickle PROTO opcode 0x80 and a protocol 2-5), or None. The safetensors
+    test comes first: a header length whose low byte is 0x80 makes a safetensors file start
+    with the pickle opcode."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = os.fstat(fh.fileno()).st_size
+        if len(head) == 8:
+            n = int.from_bytes(head, "little")
+            if 2 <= n <= min(size - 8, 100 << 20):
+                header = fh.read(n)
+                if header[:1] == b"{":
+                    try:
+                        if isinstance(json.loads(header), dict):
+                            return "safetensors"
+                    except ValueError:   # not JSON (UnicodeDecodeError is a ValueError too)
+                        pass
+    if head[:4] == b"PK\x03\x04":
+        return "torch_zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch_pickle"
+    return None
 
 
 def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | None:
@@ -78,3 +133,24 @@ def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | Non
     os.close(fd)
     os.unlink(tmp)
     return None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`impl.errors.Terminated` (a KeyboardInterrupt)
+    in the main thread, so a ``kill`` cleans up hidden temp files as Ctrl-C does. Does nothing
+    outside the main thread (signal handlers can only be set there)."""
+    from impl.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

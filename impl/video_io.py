@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from impl.errors import VideoWriteError   # defined torch-free, so command lines can catch it cheaply
+
 __all__ = ["Mp4Writer", "VideoWriteError", "VideoFrameError", "read_video", "frames_to_uint8"]
 
 
-class VideoWriteError(RuntimeError):
-    """Writing an mp4 failed (ffmpeg exited or its pipe broke, the disk filled up, the folder
-    cannot be written); the message names the output file, ``__cause__`` holds the original.
-    Not a decode failure: :class:`impl.vae_decode.BlockDecoder` passes it through unwrapped."""
 
 
 class VideoFrameError(VideoWriteError, ValueError):
@@ -162,6 +160,23 @@ class Mp4Writer:
             _remove(tmp)
             raise VideoFrameError(f"Mp4Writer: no frames were written; {self.path} not created")
         if ok and tmp is not None:
+            # imageio ignores ffmpeg's exit status: a full disk leaves an mp4 without its index
+            # (moov atom), so check the file is whole and on disk before it takes the final name.
+            problem = _incomplete_mp4(tmp)
+            if problem is not None:
+                _remove(tmp)
+                raise VideoWriteError(f"writing mp4 {self.path} failed when finishing the file: {problem}; "
+                                      f"{self.path} not created")
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                _remove(tmp)
+                raise VideoWriteError(f"writing mp4 {self.path} failed when finishing the file: "
+                                      f"{exc.strerror or exc}") from exc
             try:
                 os.replace(tmp, self.path)  # atomic on one filesystem: never a half-written mp4
             except OSError as exc:
@@ -170,6 +185,37 @@ class Mp4Writer:
                                       f"{exc.strerror or exc}") from exc
         else:
             _remove(tmp)
+
+
+def _incomplete_mp4(path: Path) -> str | None:
+    """Why ``path`` is not a complete MP4 (its top-level boxes do not tile the file, or there is
+    no ``moov`` index), or None. Reads only the box headers."""
+    try:
+        size = path.stat().st_size
+        seen = set()
+        with open(path, "rb") as fh:
+            pos = 0
+            while pos < size:
+                fh.seek(pos)
+                head = fh.read(16)
+                if len(head) < 8:
+                    return f"a truncated box at byte {pos} (disk full?)"
+                box, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if box == 1:
+                    if len(head) < 16:
+                        return f"a truncated box at byte {pos} (disk full?)"
+                    box = int.from_bytes(head[8:16], "big")
+                elif box == 0:
+                    box = size - pos
+                if box < 8 or pos + box > size:
+                    return f"the {kind.decode('latin-1')!r} box at byte {pos} runs past the end (disk full?)"
+                seen.add(kind)
+                pos += box
+    except OSError as exc:
+        return f"cannot read it back ({exc.strerror or exc})"
+    if b"moov" not in seen:
+        return "ffmpeg left it without its index (no moov atom; disk full?)"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from impl.errors import Terminated, VideoWriteError
+from impl.io import sigterm_as_interrupt
 from repro.errors import BenchmarkError, HarnessError, RunError, SpecError
 from repro.records import REPO_ROOT
 
@@ -183,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors are one line on stderr (no traceback) and an exit code:
-    1 a run with failed variants or an I/O failure, 2 a bad spec/option/path, 130 Ctrl-C."""
+    1 a run with failed variants or an I/O failure, 2 a bad spec/option/path, 130 Ctrl-C,
+    143 SIGTERM (cleaned up as Ctrl-C)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
-    except RunError as exc:
+        with sigterm_as_interrupt():   # a kill cleans up temp files as Ctrl-C does
+            return args.func(args)
+    except (RunError, VideoWriteError) as exc:   # VideoWriteError: the disk filled up while writing --out
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (SpecError, BenchmarkError, HarnessError, ValueError) as exc:
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:   # e.g. the disk filled up while writing a record
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

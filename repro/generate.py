@@ -52,14 +52,58 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def block_prompts(shots: list[str], scene_cut_prefix: str) -> list[str]:
-    """Per-block prompts of the ``--shot`` flags; an empty prompt is an error naming the flag."""
+# Most AR blocks one run may generate (all --shot flags together), checked before the per-block
+# prompt list is built: "a::1000000000" would otherwise allocate a billion-item list.
+MAX_BLOCKS = 10_000
+
+
+def block_prompts(shots: list[str], scene_cut_prefix: str, frames_per_block: int | None = None) -> list[str]:
+    """Per-block prompts of the ``--shot`` flags; an empty prompt or more than
+    :data:`MAX_BLOCKS` blocks in all is an error naming the flag."""
     from impl.pipeline import parse_shot, shot_prompts
     from impl.session import check_prompt
     parsed = [parse_shot(s) for s in shots]
     for text, (prompt, _) in zip(shots, parsed):
         check_prompt(prompt, scene_cut_prefix, f"--shot {text!r}")
+    total = sum(blocks for _, blocks in parsed)
+    if total > MAX_BLOCKS:
+        frames = f" ({total * frames_per_block} latent frames)" if frames_per_block else ""
+        raise ValueError(f"--shot: {total} AR blocks in all{frames}; one run generates at most {MAX_BLOCKS} blocks")
     return shot_prompts(parsed, scene_cut_prefix)
+
+
+def check_device(name: str | None) -> Any:
+    """The ``--device`` as a torch.device (default: cuda if available, else cpu); a name torch
+    does not know, or a GPU that is not there, is a ValueError naming the flag."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: only {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    """--weights / --dit / --lora name something that exists (ValueError naming the flag)."""
+    for flag, value, want_file in (("--weights", args.weights, False), ("--dit", args.dit, False),
+                                   ("--lora", args.lora, True)):
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.exists():
+            raise ValueError(f"{flag} {value}: no such {'file' if want_file else 'file or folder'}")
+        if want_file and not p.is_file():
+            raise ValueError(f"{flag} {value}: a folder; pass the LoRA file itself")
 
 
 def load_image(path: str, preset: Any) -> Any:
@@ -85,7 +129,9 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--out {args.out}: must end in .mp4")
     out = check_output_file(args.out, "--out")
     cfg = config_from_args(args, dtype=args.dtype or "fp32")   # validated here; the dtype default comes below
-    prompts = block_prompts(args.shot, cfg.stream_preset.stream.scene_cut_prefix)
+    stream = cfg.stream_preset.stream
+    prompts = block_prompts(args.shot, stream.scene_cut_prefix, stream.frames_per_block)
+    check_input_paths(args)
     image = load_image(args.image, cfg.stream_preset) if args.image else None
     if image is not None and cfg.decoder != "wan":
         raise ValueError(f"--image: image-to-video encodes with the full Wan2.2 VAE; --decoder {cfg.decoder} only "
@@ -100,7 +146,13 @@ def run(args: argparse.Namespace) -> Path:
     from impl.inference.build import Weights, build_pipeline
     from impl.session import follow_prompts
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
+    if cfg.precision == "nvfp4_te":
+        from impl.quant.te_linear import te_nvfp4_status
+        ok, reason = te_nvfp4_status(device)
+        if not ok:
+            raise ValueError(f"--precision nvfp4_te: Transformer Engine NVFP4 cannot run here ({reason}); use "
+                             f"nvfp4_emulated (exact NVFP4 numerics anywhere) or nvfp4_weight_only")
     cfg = cfg.replace(dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     weights = Weights(root=args.weights, dit=args.dit, lora=args.lora, lora_check_base=not args.lora_skip_base_check,
                       decoder=args.decoder_weights, decoder_latents=args.decoder_latents,

@@ -328,13 +328,12 @@ def run(args: argparse.Namespace) -> int:
     import importlib.util
     if importlib.util.find_spec("aiohttp") is None:
         raise ValueError("serve: needs aiohttp; install the serve extra: pip install -e \".[serve]\"")
-    import torch
-
     from impl.inference.build import Weights, build_pipeline
+    from repro.generate import check_device
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port: must be in [0, 65535], got {args.port}")
     options = ServeOptions(seed=args.seed, max_blocks=args.max_blocks, jpeg_quality=args.jpeg_quality)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)   # a bad --device is one line, exit 2
     cfg = config_from_args(args, dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     weights = Weights(root=args.weights, dit=args.dit, text="encoder" if args.weights else "embedding", seed=args.seed)
     pipe = build_pipeline(cfg, device, weights)

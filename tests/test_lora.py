@@ -198,3 +198,40 @@ def test_sampling_steps_of_a_lora_file(cfg, tmp_path):
     assert sampling_steps_warning(two, 2) is None and sampling_steps_warning(unknown, 4) is None
     with pytest.raises(FileNotFoundError):
         lora_sampling_steps(tmp_path / "nope.safetensors")
+
+
+def _lora_starting_with_0x80(model, path, trained_alpha):
+    """Our LoRA file, its metadata padded until the safetensors header length's low byte is
+    0x80: the file then starts with the pickle protocol byte (issue 25 item 7)."""
+    for pad in range(0, 256 * 8, 1):
+        save_lora(path, model, steps=7, base_hash=base_fingerprint(model), extra={"pad": "x" * pad})
+        head = path.read_bytes()[:8]
+        if head[0] == 0x80:
+            assert int.from_bytes(head, "little") % 256 == 0x80
+            return path
+    raise AssertionError("no padding gave a header length ending in 0x80")
+
+
+def test_safetensors_lora_whose_header_length_ends_in_0x80(cfg, tmp_path):
+    from impl.io import weight_file_format
+    model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=4))
+    path = _lora_starting_with_0x80(model, tmp_path / "l.safetensors", 4)
+    assert weight_file_format(path) == "safetensors"
+    spec = load_lora(make_model(cfg), path)
+    assert spec.alpha == 4 and spec.rank == RANK          # the file's metadata, not the release's 128
+    with pytest.raises(LoraError, match="base model hash mismatch"):   # the base check still runs
+        load_lora(make_model(cfg, seed=5), path)
+
+
+def test_weight_file_format_by_structure(tmp_path):
+    from impl.io import weight_file_format
+    zipped, legacy, st, junk = (tmp_path / n for n in ("z.pt", "l.pt", "s.safetensors", "j.bin"))
+    torch.save({"a": torch.zeros(2)}, zipped)
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    save_file({"a": torch.zeros(2)}, str(st))
+    junk.write_bytes(b"\x80\x09 not a pickle protocol")
+    assert [weight_file_format(p) for p in (zipped, legacy, st, junk)] == ["torch_zip", "torch_pickle",
+                                                                            "safetensors", None]
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(st.read_bytes()[:12])           # header length says more than the file holds
+    assert weight_file_format(truncated) is None

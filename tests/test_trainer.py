@@ -145,8 +145,8 @@ def test_bad_configs_are_clear_errors():
         TrainConfig.from_dict({"lr": 1e-4, "learning_rate": 1})
     with pytest.raises(ParallelConfigError, match="process groups"):
         Trainer(TrainConfig(sp_size=2))
-    with pytest.raises(ParallelConfigError, match="whole"):
-        Trainer(TrainConfig(frames=7))
+    with pytest.raises(ConfigError, match="TrainConfig.frames: must be whole AR blocks"):   # in the config itself
+        TrainConfig(frames=7)
 
 
 def test_dtype_and_precision_are_separate_validated_fields():

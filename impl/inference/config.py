@@ -229,7 +229,7 @@ FIELD_HELP = {
                 "nvfp4 (4.5 bits, dequantized per read)",
     "kv_rule": "NVFP4 block-scale rule of the KV cache",
     "decoder": "video decoder: wan = the full Wan2.2 VAE, lightvae_p50 / lightvae_p75 = MG-LightVAE pruned by "
-               "50% / 75%, tae = the tiny TAEHV-architecture decoder",
+               "50%% / 75%%, tae = the tiny TAEHV-architecture decoder",
     "vae_mode": "VAE decoding: in the DiT loop, on a side CUDA stream, or on --vae-device",
     "vae_device": "device of the VAE with --vae-mode device: cpu, cuda or cuda:N (default: cpu)",
     "vae_queue_depth": "async VAE modes: most blocks decoding at once",

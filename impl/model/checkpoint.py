@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -181,6 +180,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     naming the file and what was expected (:class:`CheckpointError`).
     """
     path = Path(path)
+    if path.is_dir() and (path / "trainer.json").is_file():   # an impl.train checkpoint_<step> folder
+        if (path / "model.safetensors").is_file():
+            return _load_safetensors(path / "model.safetensors"), CheckpointInfo(str(path / "model.safetensors"))
+        raise CheckpointError(f"{path}: a sharded training checkpoint (no model.safetensors); export its weights "
+                              f"first: python -m impl.train.checkpoint export {path} OUT.safetensors")
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.safetensors"))
@@ -352,12 +356,5 @@ def save_dit_weights(model: nn.Module, path: str | os.PathLike, *, layout: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"layout": layout, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from impl.io import save_safetensors
+    return save_safetensors(path, sd, meta)

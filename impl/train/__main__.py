@@ -161,26 +161,69 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {path}: {problem}")
 
 
+def say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def train_summary(trainer: Any, history: list) -> str:
+    """One line at the end of a run: the steps trained, the last loss, where the weights are."""
+    from impl.train.checkpoint import list_checkpoints
+    found = list_checkpoints(trainer.out_dir)
+    where = f"checkpoint {found[-1]}" if found else f"no checkpoint in {trainer.out_dir}"
+    if not history:
+        return f"nothing to train: step {trainer.step} already reaches --steps {trainer.cfg.steps}; {where}"
+    first = history[0].step
+    seconds = sum(s.step_s for s in history)
+    return (f"trained steps {first}-{history[-1].step} of {trainer.cfg.steps} in {seconds:.1f} s; "
+            f"final loss {history[-1].loss:.4g}; {where}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
+    from impl.errors import Terminated
+    from impl.io import sigterm_as_interrupt
     try:
-        return _main(argv)
+        with sigterm_as_interrupt():   # a kill cleans up as Ctrl-C does
+            return _main(argv)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    from impl.config import get_preset
+    from impl.model.checkpoint import CheckpointError
+    from impl.train.checkpoint import CorruptCheckpoint
+    from impl.train.data_util import DatasetError
+
     args = parse_args(argv)
     try:
         cfg = build_config(args)
         check_outputs(args)
+        preset = get_preset(cfg.preset)
+        source = build_source(args, cfg, preset)    # a missing or empty --data folder fails here
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DatasetError as exc:
+        print(f"error: --data: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _train(args, cfg, preset, source)
+    except CorruptCheckpoint as exc:    # a runtime failure: the file is named, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ConfigError) as exc:   # --dit / a checkpoint that does not fit this run
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, preset: Any, source: Any) -> int:
     import torch
 
-    from impl.config import get_preset
     from impl.model.checkpoint import load_dit_weights
     from impl.parallel.groups import build_groups, init_distributed
     from impl.train.synthetic import SyntheticLatentSource
@@ -189,8 +232,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     rank, world, device = init_distributed(single_rank_group=cfg.sharding == "fsdp")   # FSDP needs a group
     groups = build_groups(cfg.sp_size)
-    preset = get_preset(cfg.preset)
-    source = build_source(args, cfg, preset)
     encoders = None
     if not isinstance(source, SyntheticLatentSource):
         from impl.model.text_encoder import TextEncoder
@@ -215,7 +256,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
                                     "tokens_per_s": s.tokens / s.step_s}) + "\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    trainer.fit(source, progress=not args.no_progress, on_step=on_step)
+    history = trainer.fit(source, progress=not args.no_progress, on_step=on_step, on_resume=say if rank == 0 else None)
+    if rank == 0:
+        print(train_summary(trainer, history), file=sys.stderr)
     if args.metrics_out is not None:
         summary = run_summary(cfg, device, world)
         if rank == 0:

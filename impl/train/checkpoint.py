@@ -29,7 +29,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from impl.io import save_safetensors
+from impl.model.checkpoint import CheckpointError
 
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
 SINGLE_FILE = "safetensors"
@@ -56,10 +59,10 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, max_checkpoints: int
     tmp = out / f".tmp_checkpoint_{state.step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_cpu(state.model), tmp / "model.safetensors", metadata={"step": str(state.step)})
-    save_file(_cpu(state.optimizer), tmp / "optimizer.safetensors")
+    save_safetensors(tmp / "model.safetensors", _cpu(state.model), {"step": str(state.step)})
+    save_safetensors(tmp / "optimizer.safetensors", _cpu(state.optimizer))
     if state.ema is not None:
-        save_file(_cpu(state.ema), tmp / "ema.safetensors")
+        save_safetensors(tmp / "ema.safetensors", _cpu(state.ema))
     (tmp / "trainer.json").write_text(json.dumps({"step": state.step, **state.meta}, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
@@ -77,14 +80,27 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A file of a checkpoint folder is missing, truncated or corrupt; the message names it."""
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from impl.model.checkpoint import _first_line
+    if not file.is_file():
+        raise CorruptCheckpoint(f"{file}: missing from the checkpoint")
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({_first_line(e)})") from None
+
+
 def load_checkpoint(path: str | Path) -> TrainState:
+    """Read every file of a (sharding none) checkpoint; nothing is returned half-read."""
     path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer.json)")
-    meta = json.loads((path / "trainer.json").read_text())
-    ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
-    return TrainState(int(meta.pop("step")), load_file(path / "model.safetensors"),
-                      load_file(path / "optimizer.safetensors"), ema, meta)
+    meta = checkpoint_meta(path)
+    ema = _read_tensors(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
+    return TrainState(int(meta.pop("step")), _read_tensors(path / "model.safetensors"),
+                      _read_tensors(path / "optimizer.safetensors"), ema, meta)
 
 
 # ---------------------------------------------------------------- shared by both formats
@@ -92,9 +108,18 @@ def load_checkpoint(path: str | Path) -> TrainState:
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """``trainer.json`` of a checkpoint folder (step, format, config, world layout)."""
     path = Path(path)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer.json)")
-    return json.loads((path / "trainer.json").read_text())
+    file = path / "trainer.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder (expected OUT/checkpoint_<step>)")
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (no trainer.json)")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CorruptCheckpoint(f"{file}: not a trainer.json (no integer 'step')")
+    return meta
 
 
 def checkpoint_format(meta: dict[str, Any]) -> str:
@@ -145,7 +170,11 @@ def sharded_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
+    try:
+        md = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata file
+        from impl.model.checkpoint import _first_line
+        raise CorruptCheckpoint(f"{Path(path) / 'dcp' / '.metadata'}: unreadable ({_first_line(e)})") from None
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -177,7 +206,12 @@ def load_sharded_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         if section in state:   # flat name -> tensor dicts: DCP's flattened keys are section.name
             want = {f"{section}.{k}": tuple(v.shape) for k, v in state[section].items()}
             _check_shapes(path, want, have, section)
-    dcp.load(state, checkpoint_id=path / "dcp")
+    try:
+        dcp.load(state, checkpoint_id=path / "dcp")
+    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+        from impl.model.checkpoint import _first_line
+        raise CorruptCheckpoint(f"{path / 'dcp'}: cannot read its shards (truncated or corrupt?): "
+                                f"{_first_line(e)}") from None
 
 
 # ---------------------------------------------------------------- export for inference
@@ -201,8 +235,9 @@ def read_checkpoint_weights(path: str | Path, *, ema: bool = False) -> dict[str,
     if checkpoint_format(meta) == SINGLE_FILE:
         f = path / f"{name}.safetensors"
         if not f.is_file():
-            raise FileNotFoundError(f"{path}: no {f.name} (the run had no EMA yet)" if ema else f"{path}: no {f.name}")
-        return load_file(f)
+            raise CheckpointError(f"{path}: no {f.name} (the run had no EMA yet: --ema needs a checkpoint written "
+                                  f"after ema_start_step)" if ema else f"{path}: no {f.name}")
+        return _read_tensors(f)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     import torch.distributed.checkpoint as dcp
@@ -212,7 +247,7 @@ def read_checkpoint_weights(path: str | Path, *, ema: bool = False) -> dict[str,
     shapes = {k[len(prefix):]: v for k, v in md.items()
               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     if not shapes:
-        raise FileNotFoundError(f"{path}: the checkpoint has no {name} tensors" + (" (no EMA yet)" if ema else ""))
+        raise CheckpointError(f"{path}: the checkpoint has no {name} tensors" + (" (no EMA yet)" if ema else ""))
     state = {name: {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in shapes.items()}}
     with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
@@ -236,6 +271,7 @@ def export_dit_weights(path: str | Path, out: str | Path, *, ema: bool = False,
 
 def _main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
 
     from impl.inference.build import torch_dtype
     from impl.modes import DType, choices
@@ -249,8 +285,23 @@ def _main(argv: list[str] | None = None) -> int:
     ex.add_argument("--ema", action="store_true", help="export the EMA weights (default: the trained weights)")
     ex.add_argument("--dtype", choices=choices(DType), help="cast to this dtype (default: keep float32 masters)")
     args = ap.parse_args(argv)
-    out = export_dit_weights(args.checkpoint, args.out, ema=args.ema,
-                             dtype=torch_dtype(args.dtype) if args.dtype else None)
+    from impl.io import output_problem
+    problem = output_problem(args.out, folder=False)
+    if problem is not None:
+        print(f"error: out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        out = export_dit_weights(args.checkpoint, args.out, ema=args.ema,
+                                 dtype=torch_dtype(args.dtype) if args.dtype else None)
+    except CorruptCheckpoint as exc:   # a file of an existing checkpoint is damaged: a runtime failure
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, FileNotFoundError) as exc:   # no such checkpoint, no EMA in it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

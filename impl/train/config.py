@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from impl.config import ConfigError, PRESETS, _require
+from impl.config import ConfigError, PRESETS, _require, get_preset
 from impl.modes import DType, Sharding, SPLayout, TrainAttention, TrainPrecision, check_choice, choices
 
 # Before dtype had its own field, ``precision`` also named the compute dtype: these are its
@@ -57,6 +57,12 @@ class ErrorRecyclingConfig:
         _require(0.0 <= self.modulate_factor < 1.0, "ErrorRecyclingConfig.modulate_factor", "must be in [0, 1)")
 
 
+_FLOAT_FIELDS = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "shift", "ema_decay")
+_INT_FIELDS = ("num_layers", "frames", "sp_size", "batch_size", "grad_accum", "steps", "ema_start_step",
+               "checkpoint_every", "max_checkpoints", "vae_halo", "seed", "log_every")
+_OPTIONAL_FIELDS = ("grad_clip", "num_layers", "ema_start_step")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "tiny"
@@ -90,6 +96,18 @@ class TrainConfig:
     error_recycling: ErrorRecyclingConfig = field(default_factory=ErrorRecyclingConfig)
 
     def __post_init__(self) -> None:
+        # Types first, so a YAML value like lr: "fast" is a one-line error, not a TypeError below.
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            _require((v is None and name in _OPTIONAL_FIELDS) or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                     f"TrainConfig.{name}", f"must be a number, got {v!r}")
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            _require((v is None and name in _OPTIONAL_FIELDS) or (isinstance(v, int) and not isinstance(v, bool)),
+                     f"TrainConfig.{name}", f"must be an integer, got {v!r}")
+        for name in ("gradient_checkpointing", "compile"):
+            _require(isinstance(getattr(self, name), bool), f"TrainConfig.{name}",
+                     f"must be true or false, got {getattr(self, name)!r}")
         _require(self.preset in PRESETS, "TrainConfig.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name, kind in (("dtype", DType), ("precision", TrainPrecision), ("sp_layout", SPLayout),
                            ("attention_backend", TrainAttention), ("sharding", Sharding)):
@@ -104,6 +122,9 @@ class TrainConfig:
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"TrainConfig.{name}", f"must be a positive integer, got {v!r}")
         _require(self.num_layers is None or self.num_layers >= 1, "TrainConfig.num_layers", "must be >= 1 or None")
+        fpb = get_preset(self.preset).stream.frames_per_block
+        _require(self.frames % fpb == 0, "TrainConfig.frames",
+                 f"must be whole AR blocks, a multiple of {fpb} latent frames (preset {self.preset!r}), got {self.frames}")
         _require(self.lr > 0, "TrainConfig.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "TrainConfig.beta1/beta2", "must be in [0, 1)")
         _require(self.grad_clip is None or self.grad_clip > 0, "TrainConfig.grad_clip", "must be > 0 or None")
@@ -125,6 +146,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"TrainConfig: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
         values = upgrade_config_dict(values)
+        for name in _FLOAT_FIELDS:   # YAML 1.1 reads 1e-5 (no dot) as a string
+            if isinstance(values.get(name), str):
+                try:
+                    values[name] = float(values[name])
+                except ValueError:
+                    pass                 # __post_init__ names the field
         er = values.get("error_recycling")
         if isinstance(er, Mapping):
             er_allowed = {f.name for f in dataclasses.fields(ErrorRecyclingConfig)}

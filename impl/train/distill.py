@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from impl.config import PRESETS, ConfigError
-from impl.io import output_problem
+from impl.io import output_problem, weight_file_format
 from impl.modes import DType, Sharding, choices
 
 
@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", default="tiny",
                     help=f"model size preset: {' | '.join(sorted(PRESETS))} (default: tiny)")
     ap.add_argument("--teacher", required=True, type=Path, help="AR checkpoint folder or DiT checkpoint (required)")
-    ap.add_argument("--sampling-steps", type=int, default=4, help="student steps per block, 4 or 2 (default: 4)")
+    ap.add_argument("--sampling-steps", type=int, default=4, choices=(4, 2),
+                    help="student steps per block, 4 or 2: the release's UniPC step lists (default: 4)")
     ap.add_argument("--iters", type=int, default=100, help="distillation iterations (default: 100)")
     ap.add_argument("--blocks", type=int, default=4, help="AR blocks per rollout (default: 4)")
     ap.add_argument("--lora-rank", type=int, default=128, help="LoRA rank of student and critic (default: 128)")
@@ -83,8 +84,14 @@ def _teacher_file(path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
+    from impl.errors import Terminated
+    from impl.io import sigterm_as_interrupt
     try:
-        return _main(argv)
+        with sigterm_as_interrupt():   # a kill cleans up as Ctrl-C does
+            return _main(argv)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -101,7 +108,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     from impl.config import get_preset
     from impl.inference.build import torch_dtype
-    from impl.model.checkpoint import load_dit_weights
+    from impl.model.checkpoint import CheckpointError, load_dit_weights
     from impl.model.dit import CausalWanDiT
     from impl.model.text_encoder import TextEncoder
     from impl.parallel.fsdp import gather_lora_state_dict
@@ -119,6 +126,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         videos = read_prompt_file(args.prompts, args.blocks) if args.prompts else None
         if not args.teacher.exists():
             raise ConfigError(f"--teacher: no such checkpoint {args.teacher}")
+        teacher_file = _teacher_file(args.teacher)
+        if teacher_file.is_file() and weight_file_format(teacher_file) is None:   # cheap, before any model
+            raise ConfigError(f"--teacher: {teacher_file}: neither a safetensors nor a torch.save file "
+                              f"(truncated or corrupt?)")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,7 +137,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     groups = build_groups(1)
     dtype = torch_dtype(args.dtype)
     teacher = CausalWanDiT(preset.dit, device=device, dtype=dtype)
-    load_dit_weights(teacher, _teacher_file(args.teacher))
+    try:
+        load_dit_weights(teacher, _teacher_file(args.teacher))
+    except CheckpointError as exc:   # corrupt, or a checkpoint of another model
+        print(f"error: --teacher: {exc}", file=sys.stderr)
+        return 2
     teacher.requires_grad_(False).eval()
     base_hash = base_fingerprint(teacher)
     torch.manual_seed(args.seed)   # peft draws LoRA A from the global generator: same --seed, same LoRA

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,8 +257,6 @@ def save_lora(path: str | os.PathLike, model: nn.Module, spec: LoraSpec | None =
     was trained on. ``extra`` values are stored as strings (non-strings JSON-encoded); its
     keys may not shadow the reserved ones.
     """
-    from safetensors.torch import save_file
-
     have = current_spec(model, adapter_name)
     if have is None:
         raise LoraError("save_lora: the model carries no LoRA layers")
@@ -291,18 +288,8 @@ def save_lora(path: str | os.PathLike, model: nn.Module, spec: LoraSpec | None =
                             "state=impl.parallel.fsdp.gather_lora_state_dict(model), called on every rank")
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from impl.io import save_safetensors
+    return save_safetensors(path, tensors, meta)
 
 
 def read_lora_metadata(path: str | os.PathLike) -> tuple[LoraSpec, dict[str, str]]:
@@ -358,10 +345,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _is_torch_file(path: str | os.PathLike) -> bool:
-    """torch.save files start with a zip header (or a pickle protocol byte, legacy format)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+    """A torch.save file (zip, or legacy pickle), told apart from safetensors by structure: a
+    safetensors file whose header length ends in 0x80 starts with the pickle protocol byte."""
+    from impl.io import weight_file_format
+    return weight_file_format(path) in ("torch_zip", "torch_pickle")
 
 
 def _torch_load(path: str | os.PathLike, mmap: bool = False) -> object:

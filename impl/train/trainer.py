@@ -36,7 +36,7 @@ from impl.parallel.attention import teacher_forcing_core
 from impl.parallel.gradients import sp_all_reduce_sum, sync_gradients
 from impl.parallel.groups import ParallelConfigError, ParallelGroups, single_process
 from impl.parallel.layout import TeacherForcingLayout
-from impl.train.checkpoint import (SHARDED, SINGLE_FILE, TrainState, WeightsView, checkpoint_format,
+from impl.train.checkpoint import (SHARDED, SINGLE_FILE, CorruptCheckpoint, TrainState, WeightsView, checkpoint_format,
                                    checkpoint_meta, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
                                    save_checkpoint, save_sharded_checkpoint)
 from impl.train.config import TrainConfig, upgrade_config_dict
@@ -126,6 +126,8 @@ class Trainer:
         self.encoders = encoders
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.step = 0
+        self.resumed_from: Path | None = None                       # set by resume_if_possible
+        self.skipped_checkpoints: list[tuple[Path, str]] = []       # (path, why) it skipped
 
     # ---- data -------------------------------------------------------------------------
     def _sample_index(self, sampler: ShardedSampler, position: int) -> int:
@@ -204,12 +206,19 @@ class Trainer:
         return StepStats(self.step, loss, grad_norm, time.perf_counter() - t0, tokens)
 
     # ---- loop, checkpoints ------------------------------------------------------------------
-    def fit(self, source, *, progress: bool = True, on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+    def fit(self, source, *, progress: bool = True, on_step: Callable[[StepStats], None] | None = None,
+            on_resume: Callable[[str], None] | None = None) -> list[StepStats]:
         """Train until ``cfg.steps`` optimizer steps (resuming from ``out_dir`` if it holds a
-        checkpoint). Returns this call's step statistics."""
+        checkpoint; ``on_resume`` gets one line per skipped corrupt checkpoint and one saying
+        which checkpoint it resumed from, at which step). Returns this call's step statistics."""
         cfg = self.cfg
         if self.out_dir is not None:
-            self.resume_if_possible()
+            path = self.resume_if_possible()
+            if path is not None and on_resume is not None:
+                for bad, reason in self.skipped_checkpoints:
+                    on_resume(f"warning: skipped checkpoint {bad}: {reason}")
+                on_resume(f"resumed from {path} at step {self.step}" +
+                          (" (the newest intact checkpoint)" if self.skipped_checkpoints else ""))
         sampler = ShardedSampler(len(source), self.groups.dp_rank, self.groups.dp_size, seed=cfg.seed)
         history: list[StepStats] = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
@@ -339,10 +348,28 @@ class Trainer:
             dist.barrier()
         return out
 
-    def resume_if_possible(self) -> bool:
+    def resume_if_possible(self) -> Path | None:
+        """Load the newest intact checkpoint of ``out_dir``; returns its path (None: none there).
+
+        A checkpoint with a truncated or corrupt file (:class:`CorruptCheckpoint`) is skipped
+        for the next older one, and recorded in ``self.skipped_checkpoints`` as (path, reason);
+        if none is intact the newest one's error is raised, naming the file."""
         found = list_checkpoints(self.out_dir) if self.out_dir is not None else []
-        if not found:
-            return False
-        self.load(found[-1])
-        log.info("resumed from %s at step %d", found[-1], self.step)
-        return True
+        self.skipped_checkpoints = []
+        for path in reversed(found):
+            try:
+                self.load(path)
+            except CorruptCheckpoint as exc:
+                if self.plan is not None:   # sharded: one rank falling back alone would desynchronise them
+                    raise
+                self.skipped_checkpoints.append((path, str(exc)))
+                continue
+            for bad, reason in self.skipped_checkpoints:
+                log.warning("skipped %s: %s", bad, reason)
+            log.info("resumed from %s at step %d", path, self.step)
+            self.resumed_from = path
+            return path
+        if self.skipped_checkpoints:
+            raise CorruptCheckpoint(f"{self.skipped_checkpoints[0][1]}; no older intact checkpoint in "
+                                    f"{self.out_dir} to resume from (move the bad one away to start over)")
+        return None

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from impl.config import ConfigError, Preset, _require, get_preset
-from impl.io import write_json
+from impl.io import save_safetensors, write_json
 
 __all__ = ["ProxyConfig", "ProxySystem", "PROXY_PRESETS", "TRAIN_PRECISIONS"]
 
@@ -235,7 +235,6 @@ class ProxySystem:
         folder = self._dir(f"decoder_{kind}", self.decoder_key(kind))
         path = folder / "decoder.safetensors"
         if not self._ready(folder):
-            from safetensors.torch import save_file
             p, c = self.preset, self.cfg
             t0 = time.perf_counter()
             student = build_decoder(kind, stats, device=self.device, seed=c.seed, latents=_PROXY_TAE_LATENTS)
@@ -245,7 +244,7 @@ class ProxySystem:
             log = distill_decoder(student, teacher, clips, DecoderDistillConfig(
                 steps=c.decoder_steps, batch_size=c.decoder_batch, lr=c.decoder_lr, seed=c.seed), progress=self.progress)
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.to(torch.bfloat16).cpu().contiguous() for k, v in student.state_dict().items()}, str(path))
+            save_safetensors(path, {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in student.state_dict().items()})
             self._memo[f"train_s_decoder_{kind}"] = time.perf_counter() - t0
             tail = log[-20:]
             self._finish(folder, {"piece": f"decoder_{kind}", "train_s": self._memo[f"train_s_decoder_{kind}"],
@@ -266,7 +265,7 @@ class ProxySystem:
     def detector(self):
         if "detector" in self._memo:
             return self._memo["detector"]
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
         from repro.quality.detector import (AttributeDetector, DetectorConfig, accuracy, frame_batches,
                                             train_detector)
         c = self.cfg
@@ -289,8 +288,8 @@ class ProxySystem:
             rt = frame_batches(src, held, augment=self.roundtrip)
             acc_rt = accuracy(model.detect(rt[0]), rt[1])
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(folder / "detector.safetensors"))
+            save_safetensors(folder / "detector.safetensors",
+                             {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
             self._memo["train_s_detector"] = time.perf_counter() - t0
             self._finish(folder, {"piece": "detector", "config": dcfg.to_dict(),
                                   "train_s": self._memo["train_s_detector"], "last_loss": losses[-1],
@@ -340,7 +339,7 @@ class ProxySystem:
         memo = f"teacher:{train_precision}"
         if memo in self._memo:
             return self._memo[memo]
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
         folder = self._dir(f"teacher_{train_precision}", self.teacher_key(train_precision))
         if not self._ready(folder):
             from impl.train.config import TrainConfig
@@ -356,9 +355,9 @@ class ProxySystem:
             trainer = Trainer(tcfg, device=self.device)
             stats = trainer.fit(source, progress=self.progress)
             folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.to(torch.bfloat16).cpu().contiguous()   # BF16 storage, as the VAE
-                       for k, v in trainer.optimizer.master_state().items()},
-                      str(folder / "teacher.safetensors"))
+            save_safetensors(folder / "teacher.safetensors",
+                             {k: v.to(torch.bfloat16).cpu().contiguous()   # BF16 storage, as the VAE
+                              for k, v in trainer.optimizer.master_state().items()})
             self._memo[f"train_s_teacher_{train_precision}"] = time.perf_counter() - t0
             tail = stats[-20:]
             self._finish(folder, {"piece": "teacher", "train_config": tcfg.to_dict(),
