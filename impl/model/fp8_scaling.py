@@ -30,10 +30,26 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale).to(torch.float8_e4m3fn)
 
 
+def _saturating_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _per_head_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = fp8_scales(x)
+    return to_fp8(x, scale), scale
+
+
+# On a GPU each quantization runs compiled: one reduction and one fused scale-and-cast kernel
+# instead of five eager passes with float32 temporaries (it runs on every attention call).
+# torch.compile is lazy: nothing compiles until the first CUDA call; the CPU keeps the eager ops.
+_saturating_codes_gpu = torch.compile(_saturating_codes, dynamic=False)
+_per_head_codes_gpu = torch.compile(_per_head_codes, dynamic=False)
+
+
 def to_fp8_saturating(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 codes of ``x * scale`` clamped to +-448: for a scale fixed before ``x`` was seen (the
     FP8 KV cache), where PyTorch's cast would turn an overflow into NaN."""
-    return (x.float() * scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (_saturating_codes_gpu if x.is_cuda else _saturating_codes)(x, scale)
 
 
 @dataclass(frozen=True)
@@ -46,8 +62,8 @@ class FP8Heads:
     @classmethod
     def quantize(cls, x: torch.Tensor) -> "FP8Heads":
         """Per (batch, head) amax scaling of ``x`` [B, H, S, D] (a scale seen on ``x`` itself)."""
-        scale = fp8_scales(x)
-        return cls(to_fp8(x, scale), scale)
+        codes, scale = (_per_head_codes_gpu if x.is_cuda else _per_head_codes)(x.detach())
+        return cls(codes, scale)
 
     @property
     def descale(self) -> torch.Tensor:
