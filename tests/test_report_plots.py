@@ -108,9 +108,9 @@ def test_unknown_metric_is_flagged_undocumented():
 
 # ---------------------------------------------------------------- files
 
-def test_report_files_are_readable_by_others(tmp_path):
+def test_report_files_honour_the_umask(tmp_path):
     _realtime(tmp_path)
-    old = os.umask(0o077)   # a private umask must not make results unreadable
+    old = os.umask(0o027)   # every output honours the user's umask (issue 25 item 11), as open() does
     try:
         rec = _write(tmp_path, "realtime", {**RT, "steps": 4}, {"dit_fps": 30.0, "e2e_fps": 11.0})
         paths = [record_path(rec, tmp_path)]   # a record written under that umask
@@ -121,7 +121,7 @@ def test_report_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     for p in [*paths, out]:
-        assert (p.stat().st_mode & 0o777) == 0o644, p
+        assert (p.stat().st_mode & 0o777) == 0o640, p
     assert any(p.suffix == ".png" for p in paths) and any(p.suffix == ".md" for p in paths)
     assert not list(tmp_path.rglob(".*.tmp*"))
 
