@@ -70,7 +70,7 @@ def run_case(caller, dtype_name, mode, kv, steps, cfg, sink) -> dict[str, torch.
         enc = TextEncoder.from_preset(preset.text, dtype=dtype, device="cpu", seed=SEED)
         embed = lambda p: enc.encode([p])  # noqa: E731
     else:
-        from impl.parallel.sp_inference import random_text_embedder
+        from impl.inference.sp import random_text_embedder
         embed = random_text_embedder(preset, dtype, "cpu", seed=SEED)
     pipe = StreamingPipeline(model, preset, text_embedder=embed, vae=vae, device="cpu", kv_cache=kv)
     res = pipe.generate(PROMPTS, seed=SEED, decode=vae is not None)
