@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,31 +31,9 @@ from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.modes import SwitchMode, check_choice
 from impl.sampling import make_sampler, official_sigmas
-
-if TYPE_CHECKING:
-    from impl.session import StreamingSession
+from impl.session import BlockTiming, StreamingSession, follow_prompts
 
 TextEmbedder = Callable[[str], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class BlockTiming:
-    """Per-block timings, passed to ``on_block`` in block order.
-
-    In "sync" VAE mode ``on_block`` fires at the end of the block, and ``total_ms`` includes
-    the decode. In the async modes it fires once the block's decode has finished (a few
-    blocks later, at the latest when ``generate`` drains), ``vae_ms`` is that decode's time,
-    measured where it ran (CUDA events on the side stream; wall time in the "device" worker),
-    and ``total_ms`` is the DiT loop's wall time for the block: the decode overlaps later
-    blocks, so only a wait for a free queue slot shows up in it.
-    """
-
-    block: int
-    frames: int          # pixel frames this block delivered (0 if not decoded)
-    dit_ms: float        # denoising steps + re-cache pass
-    vae_ms: float        # streaming decode of this block (0 if not decoded)
-    total_ms: float      # wall time of the block in the DiT loop, host-synchronised
-    loop_end_s: float = 0.0   # time.perf_counter() when the DiT loop finished the block
 
 
 @dataclass
@@ -103,7 +81,7 @@ class StreamingPipeline:
         self.vae = vae
         self.device = torch.device(device)
         self._cache: KVCache | None = None
-        # Sequence-parallel inference (impl.parallel.sp_inference): every forward goes through
+        # Sequence-parallel inference (impl.inference.sp): every forward goes through
         # the exchange, and this rank's cache holds num_heads / sp heads of every token.
         self.sp = sp
         self._session = None   # weakref to the open StreamingSession: one at a time (one cache)
@@ -247,11 +225,10 @@ class StreamingPipeline:
         """RoPE positions of every frame of a video with these block prompts (shots included)."""
         return torch.cat([self._block_positions(b, shot) for b, _, _, shot in self._shots(prompts)])
 
-    def session(self, prompt: str, **options) -> "StreamingSession":
+    def session(self, prompt: str, **options) -> StreamingSession:
         """Open a :class:`impl.session.StreamingSession` on this pipeline (one at a time): pull
         its blocks one by one and switch its prompt between pulls. ``options`` are the
         session's (seed, noise, max_blocks, image, video, latents, decode, ...)."""
-        from impl.session import StreamingSession
         return StreamingSession(self, prompt, **options)
 
     @torch.no_grad()
@@ -280,7 +257,6 @@ class StreamingPipeline:
         expect_f = num_blocks * s.frames_per_block
         if noise.dim() != 5 or noise.shape[2] != expect_f or noise.shape[1] != self.model.cfg.in_channels:
             raise ValueError(f"noise: expected [B, {self.model.cfg.in_channels}, {expect_f}, h, w], got {tuple(noise.shape)}")
-        from impl.session import follow_prompts
         with self.session(prompts[0], noise=noise, negative_prompt=negative_prompt,
                           decode=decode or video_path is not None, video_path=video_path, on_block=on_block,
                           latent_dtype=latent_dtype) as session:

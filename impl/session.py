@@ -50,7 +50,6 @@ import torch
 from impl.config import Preset
 from impl.errors import ConfigError
 from impl.modes import SwitchMode, check_choice, choices
-from impl.pipeline import BlockTiming
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,6 +69,26 @@ class SessionError(RuntimeError):
 
 class SessionAborted(RuntimeError):
     """The reason handed to the decoder and mp4 writer when a session is aborted."""
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """Per-block timings, passed to ``on_block`` in block order.
+
+    In "sync" VAE mode ``on_block`` fires at the end of the block, and ``total_ms`` includes
+    the decode. In the async modes it fires once the block's decode has finished (a few
+    blocks later, at the latest when ``generate`` drains), ``vae_ms`` is that decode's time,
+    measured where it ran (CUDA events on the side stream; wall time in the "device" worker),
+    and ``total_ms`` is the DiT loop's wall time for the block: the decode overlaps later
+    blocks, so only a wait for a free queue slot shows up in it.
+    """
+
+    block: int
+    frames: int          # pixel frames this block delivered (0 if not decoded)
+    dit_ms: float        # denoising steps + re-cache pass
+    vae_ms: float        # streaming decode of this block (0 if not decoded)
+    total_ms: float      # wall time of the block in the DiT loop, host-synchronised
+    loop_end_s: float = 0.0   # time.perf_counter() when the DiT loop finished the block
 
 
 @dataclass(frozen=True)

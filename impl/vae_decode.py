@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from impl.errors import ConfigError
 from impl.model.decoders import stream_decoder
 from impl.video_io import VideoWriteError, float_frames_to_uint8
 
@@ -76,6 +77,14 @@ FramesCallback = Callable[[DecodedBlock], None]
 
 def _vae_device(vae: torch.nn.Module) -> torch.device:
     return next(vae.parameters()).device
+
+
+def check_stream_device(device: torch.device) -> None:
+    """``vae_mode="stream"`` decodes on a side CUDA stream of the VAE's GPU: ``device`` must be one
+    (the builder asks before any weight exists, the stream backend of the module it is given)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"vae_mode: 'stream' decodes on a side CUDA stream and needs the VAE on a CUDA GPU, "
+                          f"not {device}; use vae_mode='sync' or 'device'")
 
 
 class _PinnedPool:
@@ -166,9 +175,7 @@ class _StreamBackend:
     def __init__(self, vae: torch.nn.Module, frame_format: str, **options: bool) -> None:
         self.device = _vae_device(vae)
         self.frame_format = frame_format
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"vae_mode='stream' needs the VAE on a CUDA GPU, but it is on "
-                             f"{self.device}; use vae_mode='sync' or 'device'")
+        check_stream_device(self.device)
         self.decoder = stream_decoder(vae, **options)
         self.side = torch.cuda.Stream(device=self.device)
         self.staging = _PinnedPool()

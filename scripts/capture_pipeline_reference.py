@@ -1,13 +1,16 @@
 """Capture reference latents of the streaming pipeline for every mode combination the specs use.
 
-Run once on the code *before* the inference-builder refactor (commit 429b24b); its output,
-tests/data/pipeline_reference.pt, is what tests/test_inference_builder.py compares the one
-builder against, bit for bit on the CPU. Each case assembles the pipeline exactly the way the
-caller it stands for did at that commit (inference_speed / profile: random DiT from
+The committed tests/data/pipeline_reference.pt was written by this script at commit 429b24b,
+before the inference builder existed; tests/test_inference_builder.py compares the one builder
+against it, bit for bit on a CPU of the capture's kind. Each case assembles the pipeline by hand,
+the way the caller it stands for did at that commit (inference_speed / profile: random DiT from
 ``torch.manual_seed(seed)``, one fixed random text embedding; generate: random umT5 and VAE from
-the preset; SP inference at sp_size 1: the CRC-seeded random embedding per prompt).
+the preset; SP inference at sp_size 1: the CRC-seeded random embedding per prompt), and wraps the
+model with :func:`impl.inference.build.pipeline_for_model` (the pipeline takes its settings from
+an :class:`InferenceConfig` now). Write to another path and compare; do not overwrite the
+committed file, whose capture is the point of the test:
 
-    python scripts/capture_pipeline_reference.py tests/data/pipeline_reference.pt
+    python scripts/capture_pipeline_reference.py /tmp/pipeline_reference.pt
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import sys
 
 import torch
 
-from impl.config import get_preset
+from impl.inference.build import pipeline_for_model, random_text_embedder
+from impl.inference.config import InferenceConfig
 from impl.model.dit import CausalWanDiT
 from impl.model.text_encoder import TextEncoder
 from impl.model.vae import build_vae
-from impl.pipeline import StreamingPipeline
 from impl.quant.apply import quantize_model
 from impl.quant.config import QuantConfig
 
@@ -50,12 +53,11 @@ CASES = [
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-def run_case(caller, dtype_name, mode, kv, steps, cfg, sink) -> dict[str, torch.Tensor]:
+def run_case(caller, dtype_name, mode, kv, steps, guidance, sink) -> dict[str, torch.Tensor]:
     dtype = DTYPES[dtype_name]
-    stream = {"steps": steps, "guidance_scale": cfg}
-    if not sink:
-        stream["sink_frames"] = 0
-    preset = get_preset("tiny").replace(stream=stream)
+    cfg = InferenceConfig(preset="tiny", dtype=dtype_name, precision=mode, kv_cache=kv, steps=steps,
+                          guidance_scale=guidance, sink=sink)
+    preset = cfg.stream_preset
     torch.manual_seed(SEED)
     model = CausalWanDiT(preset.dit, device="cpu", dtype=dtype).eval()
     if mode != "bf16":
@@ -70,9 +72,8 @@ def run_case(caller, dtype_name, mode, kv, steps, cfg, sink) -> dict[str, torch.
         enc = TextEncoder.from_preset(preset.text, dtype=dtype, device="cpu", seed=SEED)
         embed = lambda p: enc.encode([p])  # noqa: E731
     else:
-        from impl.parallel.sp_inference import random_text_embedder
         embed = random_text_embedder(preset, dtype, "cpu", seed=SEED)
-    pipe = StreamingPipeline(model, preset, text_embedder=embed, vae=vae, device="cpu", kv_cache=kv)
+    pipe = pipeline_for_model(model, cfg, "cpu", text_embedder=embed, vae=vae)
     res = pipe.generate(PROMPTS, seed=SEED, decode=vae is not None)
     out = {"latents": res.latents}
     if res.frames is not None:  # frames are large: keep their exact bytes' digest

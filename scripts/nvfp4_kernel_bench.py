@@ -134,12 +134,12 @@ def main() -> None:
         for (N, K) in ((3072, 3072), (14336, 3072), (3072, 14336)):
             W = torch.randn(N, K, device=dev) * 0.02
             w = T.quantize(W, "static_6")
-            Wb = w.dequantize(torch.bfloat16)
+            Wb = Q.dequantize(w, torch.bfloat16)
             for M in (TOKENS, 16):
                 xa = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
                 fl = 2.0 * M * N * K
                 y = T.weight_only_matmul(xa, w)     # autotunes
-                ref = xa.float() @ w.dequantize(torch.float32).T
+                ref = xa.float() @ Q.dequantize(w, torch.float32).T
                 rel = float((y.float() - ref).norm() / ref.norm())
                 record(f"weight_only_matmul M{M} N{N} K{K}", bench(lambda: T.weight_only_matmul(xa, w)),
                        flops=fl, rel_err=f"{rel:.1e}")

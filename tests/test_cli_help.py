@@ -22,7 +22,7 @@ ENTRY_POINTS = {
     "impl.train.__main__": [["--help"]],
     "impl.train.distill": [["--help"]],
     "impl.train.checkpoint": [["--help"], ["export", "--help"]],
-    "impl.parallel.sp_inference": [["--help"]],
+    "impl.inference.sp": [["--help"]],
     "impl.parallel.vae_encode": [["--help"]],
     "impl.quant.nvfp4_theory": [["--help"]],
     "repro.quality.proxy": [["--help"]],

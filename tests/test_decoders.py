@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from impl.config import get_preset
+from impl.config import ConfigError, get_preset
 from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
 from impl.model.decoders import DecoderFileError, build_decoder, load_decoder, stream_decoder
@@ -135,8 +135,8 @@ def test_config_and_cli_errors(tmp_path):
     from impl.config import ConfigError
     with pytest.raises(ConfigError, match="decoder"):
         InferenceConfig(decoder="lightvae")
-    with pytest.raises(ConfigError, match="vae_channels_last"):
-        InferenceConfig(decoder="tae", vae_channels_last=True)
+    with pytest.raises(ConfigError, match="vae_channels_last"):   # before any model is built
+        build_pipeline(InferenceConfig(decoder="tae", vae_channels_last=True), "cpu", Weights(text="embedding"))
     with pytest.raises(ConfigError, match="decoder_weights"):
         build_pipeline(InferenceConfig(dtype="fp32"), "cpu", Weights(decoder=tmp_path / "x.pth", text="embedding"))
     from repro.cli import main
@@ -329,3 +329,19 @@ def test_readme_paragraph_on_published_decoder_files_uses_real_flags():
     known = {s for action in generate._actions for s in action.option_strings}
     flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", section))
     assert {"--decoder", "--decoder-weights", "--weights"} <= flags and flags <= known, flags - known
+
+
+def test_decoder_registry_and_the_vocabulary_agree():
+    from impl.model.decoders import DECODERS, decoder_kind
+    from impl.modes import Decoder, choices
+    assert tuple(DECODERS) == choices(Decoder)
+    assert all(entry.name == name for name, entry in DECODERS.items())
+    with pytest.raises(ConfigError, match="unknown decoder 'lightvae'; allowed: wan, lightvae_p50"):
+        decoder_kind("lightvae")
+
+
+def test_channels_last_rule_holds_for_a_built_tiny_decoder_too():
+    tae = build_decoder("tae", TINY_VAE, seed=0)
+    with pytest.raises(ConfigError, match="vae_channels_last: decoder 'tae'"):
+        stream_decoder(tae, channels_last=True)
+    stream_decoder(build_decoder("lightvae_p50", TINY_VAE, seed=0), channels_last=True)

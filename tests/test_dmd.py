@@ -11,7 +11,7 @@ from impl.inference.build import pipeline_for_model
 from impl.model.dit import CausalWanDiT
 from impl.parallel.groups import build_groups
 from impl.train.dmd import DMDConfig, DMDTrainer
-from impl.train.lora import LoraSpec, add_lora, lora_state_dict
+from impl.model.lora import LoraSpec, add_lora, lora_state_dict
 from dist_harness import run_distributed
 
 PRESET = get_preset("tiny")
@@ -131,7 +131,7 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
     from impl.train.config import TrainConfig
     from impl.train.synthetic import SyntheticLatentSource
     from impl.train.distill import main as distill
-    from impl.train.lora import read_lora_metadata
+    from impl.model.lora import read_lora_metadata
     from impl.train.trainer import Trainer
     from repro.cli import main as repro_main
 

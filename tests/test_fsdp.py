@@ -86,7 +86,7 @@ def _model_grads(sharded: bool, sp: int, kind: str, checkpointing: bool, lora: b
     model.gradient_checkpointing = checkpointing
     groups = build_groups(sp) if sharded else build_groups(1)
     if lora:
-        from impl.train.lora import LoraSpec, add_lora
+        from impl.model.lora import LoraSpec, add_lora
         add_lora(model, LoraSpec(rank=4, alpha=4.0))
         for n, p in model.named_parameters():   # B starts at 0: make the LoRA path non-trivial
             if "lora_B" in n:

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from impl.config import get_preset
 from impl.model.dit import CausalWanDiT
 from impl.quant.apply import block_linear_names
-from impl.train.lora import (FORMAT, LoraError, LoraSpec, add_lora, base_fingerprint, load_lora,
+from impl.model.lora import (FORMAT, LoraError, LoraSpec, add_lora, base_fingerprint, load_lora,
                              lora_state_dict, merge_and_unload, save_lora)
 
 DT = torch.float64
@@ -174,7 +174,7 @@ def test_fingerprint_is_the_same_across_float_dtypes():
     """A checkpoint loaded in float32 (distillation) and bfloat16 (GPU inference) matches."""
     from impl.config import get_preset
     from impl.model.dit import CausalWanDiT
-    from impl.train.lora import base_fingerprint
+    from impl.model.lora import base_fingerprint
 
     torch.manual_seed(0)
     m32 = CausalWanDiT(get_preset("tiny").dit, dtype=torch.float32)
@@ -187,7 +187,7 @@ def test_fingerprint_is_the_same_across_float_dtypes():
 
 
 def test_sampling_steps_of_a_lora_file(cfg, tmp_path):
-    from impl.train.lora import lora_sampling_steps, sampling_steps_warning
+    from impl.model.lora import lora_sampling_steps, sampling_steps_warning
     model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=RANK))
     two = save_lora(tmp_path / "s2.safetensors", model, steps=1, base_hash="x", extra={"sampling_steps": 2})
     unknown = save_lora(tmp_path / "plain.safetensors", model, steps=1, base_hash="x")

@@ -73,7 +73,7 @@ def test_exact_midpoints_round_to_even():
     q = nvfp4.quantize(mids, "static_6", amax=amax)
     assert float(q.scales.float()[0]) == 1.0
     expected = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 0.0, 0.5, 4.0, 6.0, -0.0, -1.0, 6.0]
-    assert q.dequantize().tolist() == expected
+    assert nvfp4.dequantize(q).tolist() == expected
     assert_matches_reference(mids, "static_6", amax=amax)
 
 
@@ -105,13 +105,13 @@ def test_dequantize_matches_reference_decode():
     q = nvfp4.quantize(x, "mse")
     codes, scales, gd = quantize_reference(x.numpy(), "mse")
     ref = dequantize_reference(codes, scales, gd)
-    np.testing.assert_allclose(q.dequantize().double().numpy(), ref, rtol=2 ** -23, atol=0)
+    np.testing.assert_allclose(nvfp4.dequantize(q).double().numpy(), ref, rtol=2 ** -23, atol=0)
 
 
 @pytest.mark.parametrize("rule", ["static_6", "static_4"])
 def test_gaussian_sqnr_matches_theory(rule):
     x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-    measured = nvfp4.sqnr_db(x, nvfp4.quantize(x, rule).dequantize())
+    measured = nvfp4.sqnr_db(x, nvfp4.dequantize(nvfp4.quantize(x, rule)))
     predicted = expected_sqnr_gaussian(float(x.abs().max()), rule, m_points=4000)
     assert abs(measured - predicted) < 0.3, (measured, predicted)
     assert 19.5 < measured < 21.0
@@ -122,7 +122,7 @@ def test_four_over_six_never_worse_than_its_six_candidate_per_block():
     six_same_tensor_scale = ScaleRule("six_m256", 6.0, 256.0, (6.0,), None)
 
     def block_err(q, p):
-        e = (q.dequantize().double() - x.double()).unflatten(-1, (-1, 16))
+        e = (nvfp4.dequantize(q).double() - x.double()).unflatten(-1, (-1, 16))
         return e.pow(p).abs().sum(-1) if p else e.abs().amax(-1)
     base = nvfp4.quantize(x, six_same_tensor_scale)
     for rule, p in (("mse", 2), ("mae", 1), ("abs_max", 0)):
@@ -130,15 +130,15 @@ def test_four_over_six_never_worse_than_its_six_candidate_per_block():
         assert (block_err(q, p) <= block_err(base, p) + 1e-12).all()
         assert (q.scales.float() != base.scales.float()).any()   # some blocks took Qb = 4
     # In aggregate 4-over-6 also beats the standard static_6 (M = 448) on Gaussian data.
-    mse = lambda q: float((q.dequantize() - x).pow(2).mean())
+    mse = lambda q: float((nvfp4.dequantize(q) - x).pow(2).mean())
     assert mse(nvfp4.quantize(x, "mse")) < mse(nvfp4.quantize(x, "static_6"))
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_transposed_tiles_quantize_identically(rule):
     w = hard_input(48, 64, 5)
-    a = nvfp4.quantize(w, rule, tile_2d=True).dequantize()
-    b = nvfp4.quantize(w.t().contiguous(), rule, tile_2d=True).dequantize()
+    a = nvfp4.dequantize(nvfp4.quantize(w, rule, tile_2d=True))
+    b = nvfp4.dequantize(nvfp4.quantize(w.t().contiguous(), rule, tile_2d=True))
     assert torch.equal(a.t(), b)
 
 
@@ -148,10 +148,10 @@ def test_stochastic_rounding_is_unbiased_within_a_block():
     x = row.repeat(4000, 1)
     amax = torch.tensor(6.0 * 448.0)
     q = nvfp4.quantize(x, "static_6", amax=amax, uniform=torch.rand(x.shape, dtype=torch.float64))
-    mean = q.dequantize().mean(0)
+    mean = nvfp4.dequantize(q).mean(0)
     assert (q.scales.float() == 1.0).all()
     assert torch.allclose(mean, x[0], atol=0.05)        # grid spacing is 0.5 to 2
-    rn = nvfp4.quantize(x[:1], "static_6", amax=amax).dequantize()[0]
+    rn = nvfp4.dequantize(nvfp4.quantize(x[:1], "static_6", amax=amax))[0]
     assert (mean - x[0]).abs().mean() < (rn - x[0]).abs().mean()
 
 
@@ -186,7 +186,7 @@ def test_bad_inputs_give_clear_errors():
 
 def test_zero_tensor_and_memory_layout():
     q = nvfp4.quantize(torch.zeros(4, 32))
-    assert q.dequantize().abs().sum() == 0 and q.global_scale == 0
+    assert nvfp4.dequantize(q).abs().sum() == 0 and q.global_scale == 0
     x = torch.randn(128, 256)
     q = nvfp4.quantize(x)
     assert q.packed.shape == (128, 128) and q.scales.shape == (128, 16)
@@ -209,7 +209,7 @@ def test_cross_check_against_torchao():
     packed_equal = (theirs.qdata.view(torch.uint8).reshape(ours.packed.shape) == ours.packed).float().mean()
     assert scales_equal > 0.99 and packed_equal > 0.99, (scales_equal, packed_equal)
     step = (ours.scales.float() * ours.global_scale).repeat_interleave(16, -1)
-    assert ((theirs.dequantize(torch.float32) - ours.dequantize()).abs() <= 2 * step + 1e-12).all()
+    assert ((nvfp4.dequantize(theirs, torch.float32) - nvfp4.dequantize(ours)).abs() <= 2 * step + 1e-12).all()
 
 
 @pytest.mark.parametrize("tile_2d,stochastic", [(False, False), (True, False), (False, True)])

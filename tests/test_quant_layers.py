@@ -28,7 +28,7 @@ def test_nvfp4_emulated_forward_is_the_w4a4_product():
     layer = NVFP4EmulatedLinear(lin, QuantConfig(mode="nvfp4_emulated", weight_rule="static_6"))
     xq = nvfp4.quantize(x.reshape(-1, 64), "mse")
     wq = nvfp4.quantize(lin.weight.detach(), "static_6")
-    expect = (xq.dequantize().double() @ wq.dequantize().double().T + lin.bias.double()).reshape(3, 5, 48)
+    expect = (nvfp4.dequantize(xq).double() @ nvfp4.dequantize(wq).double().T + lin.bias.double()).reshape(3, 5, 48)
     torch.testing.assert_close(layer(x).double(), expect, rtol=1e-6, atol=1e-6)
     assert not hasattr(layer, "weight") or layer.weight is None   # master weight freed
 
@@ -37,7 +37,7 @@ def test_weight_only_and_fp8_forward_match_their_definitions():
     lin = linear(seed=1)
     x = torch.randn(7, 64)
     wo = NVFP4WeightOnlyLinear(lin, QuantConfig(mode="nvfp4_weight_only"))
-    w_hat = nvfp4.quantize(lin.weight.detach(), "mse").dequantize()
+    w_hat = nvfp4.dequantize(nvfp4.quantize(lin.weight.detach(), "mse"))
     torch.testing.assert_close(wo(x), x @ w_hat.T + lin.bias, rtol=1e-5, atol=1e-5)
     f8 = Fp8Linear(lin, QuantConfig(mode="fp8"))
     xq, xs = quantize_rowwise(x)
@@ -64,8 +64,8 @@ def test_straight_through_gradients_flow(mode):
     assert layer.weight.grad is not None and layer.bias.grad is not None and x.grad is not None
     torch.testing.assert_close(layer.bias.grad, gy.sum(0))
     if mode == "nvfp4_emulated":
-        w_hat = nvfp4.quantize(lin.weight.detach(), "static_6", tile_2d=True).dequantize()
-        x_hat = nvfp4.quantize(x.detach(), "mse").dequantize()
+        w_hat = nvfp4.dequantize(nvfp4.quantize(lin.weight.detach(), "static_6", tile_2d=True))
+        x_hat = nvfp4.dequantize(nvfp4.quantize(x.detach(), "mse"))
         torch.testing.assert_close(x.grad, gy @ w_hat, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.weight.grad, gy.T @ x_hat, rtol=1e-5, atol=1e-5)
 
@@ -77,8 +77,8 @@ def test_quantized_gradient_gemms_approximate_the_exact_gradient():
     gy = torch.randn(40, 64)
     torch.manual_seed(0)
     layer(x).backward(gy)
-    w_hat = nvfp4.quantize(lin.weight.detach(), "static_6", tile_2d=True).dequantize()
-    x_hat = nvfp4.quantize(x.detach(), "mse").dequantize()
+    w_hat = nvfp4.dequantize(nvfp4.quantize(lin.weight.detach(), "static_6", tile_2d=True))
+    x_hat = nvfp4.dequantize(nvfp4.quantize(x.detach(), "mse"))
     rel = lambda a, b: float((a - b).norm() / b.norm())
     assert rel(x.grad, gy @ w_hat) < 0.2
     assert rel(layer.weight.grad, gy.T @ x_hat) < 0.2
@@ -168,7 +168,7 @@ def test_nvfp4_auto_mode_falls_back_with_a_message_and_te_mode_explains():
 def test_nvfp4_matmul_applies_global_scales_once():
     a, b = torch.randn(16, 32), torch.randn(8, 32)
     qa, qb = nvfp4.quantize(a), nvfp4.quantize(b)
-    torch.testing.assert_close(nvfp4_matmul(qa, qb), qa.dequantize() @ qb.dequantize().T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nvfp4_matmul(qa, qb), nvfp4.dequantize(qa) @ nvfp4.dequantize(qb).T, rtol=1e-5, atol=1e-6)
 
 
 def test_five_b_weight_memory_matches_the_format():

@@ -326,7 +326,7 @@ def _image() -> torch.Tensor:
 
 def _sp_session(rank, world):
     from impl.parallel.groups import build_groups
-    from impl.parallel.sp_inference import SPInference
+    from impl.inference.sp import SPInference
     torch.set_num_threads(1)
     cfg = InferenceConfig(preset="tiny", steps=2, dtype="fp64", sp_size=2)
     sp = SPInference(cfg, build_groups(2), weights=WEIGHTS)    # the VAE on the SP root only
@@ -387,7 +387,7 @@ def test_generate_command_checks_its_input_before_building(tmp_path, monkeypatch
                       (["--shot", "a cat", "--out", out, "--lora-skip-base-check"], "no --lora")]:
         assert main(["generate", *argv, "--device", "cpu"]) == 2, argv
         assert why in capsys.readouterr().err, argv
-    from impl.train.lora import SKIP_BASE_CHECK_FLAG
+    from impl.model.lora import SKIP_BASE_CHECK_FLAG
     seen = []
     monkeypatch.setattr(build, "build_pipeline", lambda cfg, dev, weights, **k: seen.append(weights) or 1 / 0)
     for flags in ([], [SKIP_BASE_CHECK_FLAG]):   # the flag the LoRA loader's error names

@@ -1,4 +1,4 @@
-"""Sequence-parallel streaming inference (impl/parallel/sp_inference.py) equals one process.
+"""Sequence-parallel streaming inference (impl/inference/sp.py) equals one process.
 
 Real gloo ranks, tiny preset (2 steps) in float64: a two-shot video of 6 blocks (window 4
 blocks, sink 1, shot pin moving at the cut, so blocks are evicted) generated with SP 4 and with
@@ -35,7 +35,7 @@ from impl.inference.config import InferenceConfig, allowed_sp_sizes, check_sp_si
 from impl.model.attention import TextContext
 from impl.parallel.groups import ParallelConfigError, build_groups, single_process
 from impl.parallel.sp_exchange import SPExchange, block_bytes, shard_context, shard_frames, token_range
-from impl.parallel.sp_inference import SPInference, dp_shard, main
+from impl.inference.sp import SPInference, dp_shard, main
 from impl.pipeline import shot_prompts
 
 # 6 blocks, window 4, sink 1: block 2 opens shot 2 and is pinned, blocks 1 and 3 get evicted.

@@ -355,7 +355,7 @@ def test_weight_only_matmul(M, N, K, bias, cfg):
     _poison_allocator()
     y = T.weight_only_matmul(x, w, b, config=cfg)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
-    ref = x.float() @ w.dequantize(torch.float32).T + (b if bias else 0.0)
+    ref = x.float() @ Q.dequantize(w, torch.float32).T + (b if bias else 0.0)
     assert torch.isfinite(y).all()
     tol = 1e-2 * ref.abs().amax() + 1e-6
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=float(tol))

@@ -26,9 +26,12 @@ from torch import nn
 from impl.errors import ConfigError
 from impl.inference.config import InferenceConfig
 from impl.modes import DecoderLatents, LightVAEFirstChunk, check_choice
+from impl.model import decoders
 from impl.model.attention import SequenceParallel
+from impl.model.attention_backends import attention_fn
 from impl.model.dit import CausalWanDiT
 from impl.pipeline import StreamingPipeline, TextEmbedder
+from impl.vae_decode import check_stream_device
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -59,7 +62,7 @@ class Weights:
     root: a diffusers-format Wan2.2-TI2V-5B folder (transformer/, vae/, text_encoder/, tokenizer/).
     dit: a DiT checkpoint (file or folder, diffusers or original Wan / LongLive layout) or a
       state dict; overrides ``root``'s transformer.
-    lora: a few-step LoRA file (impl.train.lora), merged into the DiT before quantization;
+    lora: a few-step LoRA file (impl.model.lora), merged into the DiT before quantization;
       ``lora_check_base=False`` skips the check that it was trained on these base weights.
     vae: a VAE folder, or a built VAE module (used as it is: its own dtype and device);
       overrides ``root``'s vae. With ``decoder="wan"`` this is the decoder.
@@ -119,6 +122,8 @@ def build_dit(cfg: InferenceConfig, device: torch.device | str, weights: Weights
 
     preset = cfg.stream_preset
     dtype = torch_dtype(cfg.dtype)
+    # The kernel first: it checks what the backend needs of the machine before any weight exists.
+    attention = attention_fn(cfg.attention, device, preset.dit.head_dim)
     torch.manual_seed(weights.seed)   # random init (and anything seeded after it) is reproducible
     model = CausalWanDiT(preset.dit, device=device, dtype=dtype).eval()
     source = weights.dit if weights.dit is not None else weights.root
@@ -128,15 +133,14 @@ def build_dit(cfg: InferenceConfig, device: torch.device | str, weights: Weights
         # they are, and refuses a precision that would run them under the wrong label.
         load_dit_weights(model, source, precision=cfg.precision)
     if weights.lora is not None:
-        from impl.train.lora import sampling_steps_warning
+        from impl.model.lora import sampling_steps_warning
         warning = sampling_steps_warning(weights.lora, preset.stream.steps)
         if warning is not None:
             warnings.warn(warning, stacklevel=2)
         _merge_lora(model, weights.lora, check_base=weights.lora_check_base)
     if cfg.precision != "bf16":
         quantize_model(model, QuantConfig.for_inference(cfg.precision))
-    from impl.model.attention_backends import attention_fn
-    model.set_attention_backend(attention_fn(cfg.attention, device, preset.dit.head_dim))
+    model.set_attention_backend(attention)
     if cfg.compile:
         model.compile_hot_path(cuda_graphs=cfg.cuda_graphs)
     return model.requires_grad_(False)
@@ -146,7 +150,7 @@ def _merge_lora(model: CausalWanDiT, path: str | Path, *, check_base: bool) -> N
     """Merge a LoRA file into ``model`` in place. Merging happens in at least float32 (the
     delta (alpha / r) B A is formed and added at full precision and the weight rounded once
     to the compute dtype), so a BF16 model gets the same weights as a float32 merge."""
-    from impl.train.lora import load_lora, merge_and_unload
+    from impl.model.lora import load_lora, merge_and_unload
     dtype = model.dtype
     if dtype in (torch.bfloat16, torch.float16):
         model.float()
@@ -174,20 +178,17 @@ def build_text_embedder(cfg: InferenceConfig, device: torch.device | str, weight
 def build_video_decoder(cfg: InferenceConfig, device: torch.device | str, weights: Weights) -> nn.Module:
     """The decoder module of ``cfg.decoder``: a built module as given; the full VAE from
     ``weights.vae`` / ``root``; a light decoder from ``weights.decoder``; else seeded random
-    weights at the preset's size."""
-    from impl.model import decoders
+    weights at the preset's size (the options checked by :func:`check_decoder_options`)."""
     from impl.model import vae as vae_lib
     dtype = torch_dtype(cfg.dtype)
-    if cfg.decoder == "wan":
-        if weights.decoder is not None:
-            raise ConfigError("decoder_weights: given for decoder 'wan'; the full VAE loads from --weights "
-                              "(or Weights.vae); choose a light decoder to use a decoder file")
+    if not decoders.decoder_kind(cfg.decoder).weight_file:     # the full VAE
         if isinstance(weights.vae, nn.Module):
             return weights.vae
         folder = weights.vae if weights.vae is not None else weights.root
         if folder is not None:
             return vae_lib.load_vae(folder, dtype=dtype, device=device)
-        return decoders.build_decoder("wan", cfg.stream_preset.vae, dtype=dtype, device=device, seed=weights.seed)
+        return decoders.build_decoder(cfg.decoder, cfg.stream_preset.vae, dtype=dtype, device=device,
+                                      seed=weights.seed)
     if isinstance(weights.decoder, nn.Module):
         return weights.decoder
     vae_cfg = _latent_stats_config(cfg, weights)
@@ -198,16 +199,16 @@ def build_video_decoder(cfg: InferenceConfig, device: torch.device | str, weight
 
 
 def check_decoder_options(cfg: InferenceConfig, weights: Weights) -> None:
-    """The decoder options of ``weights`` that ``cfg.decoder`` cannot honour, as one-line errors
-    naming the field (checked before any model is built)."""
-    from impl.model.decoders import PRUNING
-    if weights.lightvae_first_chunk != "skip_time_conv":
-        if cfg.decoder not in PRUNING:
-            raise ConfigError(f"lightvae_first_chunk: {weights.lightvae_first_chunk!r} is an option of the pruned "
-                              f"decoders ({', '.join(PRUNING)}), not of decoder {cfg.decoder!r}")
-        if isinstance(weights.decoder, nn.Module):
-            raise ConfigError("lightvae_first_chunk: a built decoder module is used as it is; set it on the module "
-                              "with impl.model.vae.set_first_chunk_upsampling")
+    """The decode options of ``cfg`` and ``weights`` that ``cfg.decoder`` cannot honour, as
+    one-line errors naming the field (checked before any model is built)."""
+    kind = decoders.decoder_kind(cfg.decoder)
+    kind.check_options(channels_last=cfg.vae_channels_last, first_chunk=weights.lightvae_first_chunk)
+    if not kind.weight_file and weights.decoder is not None:
+        raise ConfigError(f"decoder_weights: given for decoder {kind.name!r}; the full VAE loads from --weights "
+                          "(or Weights.vae); choose a light decoder to use a decoder file")
+    if weights.lightvae_first_chunk != "skip_time_conv" and isinstance(weights.decoder, nn.Module):
+        raise ConfigError("lightvae_first_chunk: a built decoder module is used as it is; set it on the module "
+                          "with impl.model.vae.set_first_chunk_upsampling")
 
 
 def _latent_stats_config(cfg: InferenceConfig, weights: Weights):
@@ -235,7 +236,7 @@ def build_pipeline(cfg: InferenceConfig, device: torch.device | str = "cpu", wei
     """Assemble the streaming pipeline of ``cfg`` on ``device`` (see the module docstring).
 
     decode: build a VAE (False: latents only, e.g. DiT profiling or SP ranks other than the root).
-    sp: the sequence-parallel exchange of this rank (impl.parallel.sp_inference builds it).
+    sp: the sequence-parallel exchange of this rank (impl.inference.sp builds it).
     """
     device = torch.device(device)
     _check_device(cfg, device)
@@ -264,14 +265,9 @@ def pipeline_for_model(model: CausalWanDiT, cfg: InferenceConfig, device: torch.
 
 def _check_device(cfg: InferenceConfig, device: torch.device) -> None:
     """What the config needs of the machine, checked before any weight is allocated."""
-    if cfg.vae_mode == "stream" and device.type != "cuda":
-        raise ConfigError("vae_mode: 'stream' decodes on a side CUDA stream and needs a CUDA device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {device} requested but CUDA is not available")
+    if cfg.vae_mode == "stream":
+        check_stream_device(device)
     if cfg.cuda_graphs and device.type != "cuda":
         raise ConfigError("cuda_graphs: CUDA graphs need a CUDA device")
-    from impl.model.attention_backends import backend, check_backend
-    head_dim = cfg.stream_preset.dit.head_dim
-    check_backend(cfg.attention, device, head_dim)
-    if cfg.bf16_attention_step_indices():
-        check_backend(backend(cfg.attention).precise, device, head_dim)

@@ -70,7 +70,8 @@ class InferenceConfig:
       ``vae_device`` only with ``vae_mode="device"`` (None there means the CPU); the queue
       depth bounds the blocks in flight in the async modes.
     vae_channels_last / vae_compile: run the decoder's 3-D convolutions channels-last (Wan /
-      LightVAE), and ``torch.compile`` its module (``vae_mode="sync"`` only: compiling in the
+      LightVAE; the builder refuses it for a decoder without them, as its registry entry in
+      impl/model/decoders.py declares), and ``torch.compile`` its module (``vae_mode="sync"`` only: compiling in the
       async modes' worker thread is not safe beside the DiT).
     attention: the kernel of KV-cached self-attention (impl/model/attention_backends.py).
     bf16_attention_steps: denoising steps whose self-attention runs the backend's BF16 sibling
@@ -136,9 +137,6 @@ class InferenceConfig:
         if not isinstance(self.vae_queue_depth, int) or isinstance(self.vae_queue_depth, bool) \
                 or self.vae_queue_depth < 1:
             raise ConfigError(f"vae_queue_depth: must be a positive integer, got {self.vae_queue_depth!r}")
-        if self.vae_channels_last and self.decoder == "tae":
-            raise ConfigError("vae_channels_last: the tiny decoder (decoder='tae') runs 2-D convolutions per frame; "
-                              "channels-last applies to the 3-D convolutions of wan / lightvae_*")
         if self.vae_compile and self.vae_mode != "sync":
             # Measured on an H200: a compiled decoder in the worker thread slowed the DiT 2.6x and,
             # on a recompile, crashed its forward (torch.compile's FX tracing patches

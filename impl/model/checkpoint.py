@@ -24,11 +24,15 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from impl.io import save_safetensors
+from impl.quant import release_nvfp4
+from impl.quant.apply import _set_module, block_linear_names
 
 
 class CheckpointError(ValueError):
@@ -112,7 +116,7 @@ def is_original_layout(sd: Mapping[str, torch.Tensor]) -> bool:
 
 # Top-level ``checkpoint_format`` values of the release's exports (code study sections 5.8, 9.2).
 MERGED_FORMATS = ("longlive_generator_merged_lora", "longlive_generator_merged_bf16")
-NVFP4_FORMAT = "longlive_generator_nvfp4"
+NVFP4_FORMAT = release_nvfp4.FORMAT      # "longlive_generator_nvfp4"
 REJECTED_FORMATS = {
     "longlive_generator_te_nvfp4": "a Transformer Engine module state dict (TE's own quantized parameters, which "
                                    "the release rejects too); use the merged BF16 export (save_merged_nvfp4_generator.py "
@@ -293,7 +297,6 @@ def load_dit_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, 
         raise CheckpointError(f"{where}: holds LoRA tensors (lora_A / lora_B), not a DiT checkpoint; pass a LoRA "
                               f"file with --lora and the base DiT with --dit or --weights")
     sd = _to_diffusers(sd)
-    from impl.quant import release_nvfp4
     if release_nvfp4.is_prequantized(sd):
         _load_prequantized(model, sd, info, where, precision, nvfp4_rule)
         return info
@@ -311,8 +314,6 @@ def _load_prequantized(model: nn.Module, sd: dict[str, torch.Tensor], info: Chec
                        precision: str | None, rule: str | None) -> None:
     """Swap the block linears of ``model`` for NVFP4 layers holding the file's codes, then load
     the other tensors strictly. Everything is checked before ``model`` changes."""
-    from impl.quant import release_nvfp4
-    from impl.quant.apply import _set_module
 
     mode = {None: "nvfp4_weight_only", "nvfp4_weight_only": "nvfp4_weight_only",
             "nvfp4_emulated": "nvfp4_emulated", "nvfp4": "nvfp4_emulated"}.get(precision)
@@ -356,5 +357,24 @@ def save_dit_weights(model: nn.Module, path: str | os.PathLike, *, layout: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"layout": layout, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    from impl.io import save_safetensors
     return save_safetensors(path, sd, meta)
+
+
+def export_release_checkpoint(model: nn.Module, path, rule: str = release_nvfp4.DEFAULT_RULE, *,
+                              extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``model`` (plain BF16 block linears) as the release's pre-quantized NVFP4
+    generator: original Wan names, the block linears as ``quantized_weight_*`` buffers from our
+    quantizer, everything else as it is (for tests, and for users of the release's loader)."""
+    names = set(block_linear_names(model))
+    sd: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in names and leaf == "weight":
+            for k, v in release_nvfp4.quantize_to_release(value.detach().cpu(), rule).items():
+                sd[f"{module}.{k}"] = v
+        else:
+            sd[key] = value.detach().cpu()
+    obj = {"generator": diffusers_to_original(sd), "checkpoint_format": NVFP4_FORMAT,
+           "checkpoint_version": release_nvfp4.FORMAT_VERSION, "merged_lora": False, "quantization": {"backend": "fouroversix", "weight_scale_rule": rule,
+                                                  "activation_scale_rule": rule}, **(extra or {})}
+    torch.save(obj, str(path))

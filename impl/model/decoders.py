@@ -25,8 +25,9 @@ their own (identity for the random-weight ones, as their random VAE has). The pu
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -36,7 +37,6 @@ from impl.errors import ConfigError
 from impl.model.tae import LatentSpace, TinyDecoder, TinyDecoderConfig, TinyStreamingDecoder
 from impl.modes import LightVAEFirstChunk, check_choice
 
-PRUNING = {"lightvae_p50": 0.5, "lightvae_p75": 0.75}
 _NESTED = ("state_dict", "gen_model", "generator")   # unwrapped in this order, each if present
 
 # The Wan2.2 VAE's per-channel latent statistics (48 channels): the official Wan2.2 code
@@ -90,6 +90,94 @@ def tae_config(vae: VAEConfig, latents: LatentSpace = "normalized") -> TinyDecod
                              scale_factor_temporal=vae.temporal_factor, scale_factor_spatial=vae.spatial_factor)
 
 
+def _build_wan(vae: VAEConfig, dtype: torch.dtype, device, seed: int | None, latents: LatentSpace,
+               first_chunk: LightVAEFirstChunk) -> nn.Module:
+    from impl.model.vae import build_vae
+    return build_vae(vae, dtype=dtype, device=device, seed=seed)
+
+
+def _pruned_builder(rate: float):
+    def build(vae: VAEConfig, dtype: torch.dtype, device, seed: int | None, latents: LatentSpace,
+              first_chunk: LightVAEFirstChunk) -> nn.Module:
+        from impl.model.vae import build_vae, set_first_chunk_upsampling
+        module = build_vae(pruned_vae_config(with_latent_stats(vae), rate), dtype=dtype, device=device, seed=seed)
+        return set_first_chunk_upsampling(module, first_chunk)
+    return build
+
+
+def _build_tae(vae: VAEConfig, dtype: torch.dtype, device, seed: int | None, latents: LatentSpace,
+               first_chunk: LightVAEFirstChunk) -> nn.Module:
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        module = TinyDecoder(tae_config(with_latent_stats(vae), latents))
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def _stream_wan(module: nn.Module, channels_last: bool, compile: bool):
+    from impl.model.vae import StreamingDecoder
+    return StreamingDecoder(module, channels_last=channels_last, compile=compile)
+
+
+def _stream_tae(module: nn.Module, channels_last: bool, compile: bool):
+    return TinyStreamingDecoder(module, compile=compile)
+
+
+@dataclass(frozen=True)
+class DecoderKind:
+    """One video decoder of :data:`DECODERS`: its name (from :data:`impl.modes.Decoder`), how it
+    is built and streamed, and the options it takes (checked by :meth:`check_options`)."""
+
+    name: str
+    build: Callable[..., nn.Module]   # (vae, dtype, device, seed, latents, first_chunk): random weights
+    stream: Callable[[nn.Module, bool, bool], Any]   # (module, channels_last, compile) -> state
+    is_module: Callable[[nn.Module], bool]           # does this module belong to the kind's family
+    pruning: float | None = None      # MG-LightVAE: every width scaled by 1 - pruning
+    channels_last: bool = True        # 3-D convolutions, which a channels-last layout speeds up
+    weight_file: bool = True          # loads a published file (False: from the VAE folder, --weights)
+    file_prefix: str = ""             # only the file's tensors under this prefix are the decoder's
+    file_format: str = ""             # what its published files are, for errors
+
+    def check_options(self, *, channels_last: bool = False,
+                      first_chunk: LightVAEFirstChunk = "skip_time_conv") -> None:
+        """The decode options this kind cannot honour, as one-line errors naming the field."""
+        check_choice(first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
+        if channels_last and not self.channels_last:
+            raise ConfigError(f"vae_channels_last: decoder {self.name!r} runs 2-D convolutions per frame; "
+                              f"channels-last applies to the 3-D convolutions of "
+                              f"{', '.join(k.name for k in DECODERS.values() if k.channels_last)}")
+        if first_chunk != "skip_time_conv" and self.pruning is None:
+            pruned = ", ".join(k.name for k in DECODERS.values() if k.pruning is not None)
+            raise ConfigError(f"lightvae_first_chunk: {first_chunk!r} is an option of the pruned decoders "
+                              f"({pruned}), not of decoder {self.name!r}")
+
+
+def _is_tae(module: nn.Module) -> bool:
+    return isinstance(module, TinyDecoder)
+
+
+def _is_wan(module: nn.Module) -> bool:
+    return not isinstance(module, TinyDecoder)
+
+
+DECODERS: dict[str, DecoderKind] = {k.name: k for k in (
+    DecoderKind("wan", _build_wan, _stream_wan, _is_wan, weight_file=False),
+    DecoderKind("lightvae_p50", _pruned_builder(0.5), _stream_wan, _is_wan, pruning=0.5),
+    DecoderKind("lightvae_p75", _pruned_builder(0.75), _stream_wan, _is_wan, pruning=0.75),
+    # taew2_2 files hold an encoder half too, which is not used
+    DecoderKind("tae", _build_tae, _stream_tae, _is_tae, channels_last=False, file_prefix="decoder.",
+                file_format="taew2_2 (TAEHV) file"),
+)}
+
+
+def decoder_kind(name: str) -> DecoderKind:
+    """The registry entry of ``name``; an unknown name lists the allowed ones."""
+    if name not in DECODERS:
+        raise ConfigError(f"decoder: unknown decoder {name!r}; allowed: {', '.join(DECODERS)}")
+    return DECODERS[name]
+
+
 def build_decoder(kind: str, vae: VAEConfig, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu", seed: int | None = None,
                   latents: LatentSpace = "normalized",
@@ -98,36 +186,16 @@ def build_decoder(kind: str, vae: VAEConfig, *, dtype: torch.dtype = torch.float
     decoder gets :func:`with_latent_stats`; ``latents`` is the tiny decoder's latent space,
     ``first_chunk`` the pruned VAE's first-chunk upsampling
     (:func:`impl.model.vae.set_first_chunk_upsampling`)."""
-    from impl.model.vae import build_vae, set_first_chunk_upsampling
-    check_choice(first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
-    if first_chunk != "skip_time_conv" and kind not in PRUNING:
-        raise ConfigError(f"lightvae_first_chunk: {first_chunk!r} is an option of the pruned decoders "
-                          f"({', '.join(PRUNING)}), not of decoder {kind!r}")
-    if kind == "wan":
-        return build_vae(vae, dtype=dtype, device=device, seed=seed)
-    if kind in PRUNING:
-        module = build_vae(pruned_vae_config(with_latent_stats(vae), PRUNING[kind]), dtype=dtype, device=device,
-                           seed=seed)
-        return set_first_chunk_upsampling(module, first_chunk)
-    if kind == "tae":
-        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            module = TinyDecoder(tae_config(with_latent_stats(vae), latents))
-        return module.to(device=device, dtype=dtype).eval()
-    raise ConfigError(f"decoder: unknown decoder {kind!r}; allowed: wan, {', '.join(PRUNING)}, tae")
+    entry = decoder_kind(kind)
+    entry.check_options(first_chunk=first_chunk)
+    return entry.build(vae, dtype, device, seed, latents, first_chunk)
 
 
 def stream_decoder(module: nn.Module, *, channels_last: bool = False, compile: bool = False):
     """A fresh streaming decode state over ``module`` (several may share one module)."""
-    if isinstance(module, TinyDecoder):
-        if channels_last:
-            raise ConfigError("vae_channels_last: the tiny decoder runs 2-D convolutions per frame; "
-                              "channels-last is a Wan / LightVAE (3-D convolution) option")
-        return TinyStreamingDecoder(module, compile=compile)
-    from impl.model.vae import StreamingDecoder
-    return StreamingDecoder(module, channels_last=channels_last, compile=compile)
+    entry = next(k for k in DECODERS.values() if k.is_module(module))
+    entry.check_options(channels_last=channels_last)
+    return entry.stream(module, channels_last, compile)
 
 
 # ---------------------------------------------------------------------------- weight files
@@ -180,22 +248,22 @@ def load_decoder(kind: str, path: str | Path, vae: VAEConfig, *, dtype: torch.dt
                  first_chunk: LightVAEFirstChunk = "skip_time_conv") -> nn.Module:
     """Load a published decoder file of ``kind`` for the preset VAE ``vae`` (see module doc;
     ``latents`` and ``first_chunk`` as in :func:`build_decoder`)."""
-    check_choice(first_chunk, LightVAEFirstChunk, "lightvae_first_chunk")
-    sd = read_weight_file(path)
-    if kind in PRUNING:
-        rate = file_pruning_rate(sd, vae, path)
-        if abs(rate - PRUNING[kind]) > 1e-6:
-            raise DecoderFileError(f"{path}: an MG-LightVAE file pruned at {rate:.3g}; decoder {kind!r} expects "
-                                   f"{PRUNING[kind]} (use " + ", ".join(f"{k} for {v}" for k, v in PRUNING.items())
-                                   + ")")
-        module = build_decoder(kind, vae, dtype=torch.float32, first_chunk=first_chunk)
-    elif kind == "tae":
-        module = build_decoder("tae", vae, dtype=torch.float32, latents=latents, first_chunk=first_chunk)
-        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}   # the encoder half is not used
-        if not sd:
-            raise DecoderFileError(f"{path}: no 'decoder.*' tensors: not a taew2_2 (TAEHV) file")
-    else:
+    entry = decoder_kind(kind)
+    entry.check_options(first_chunk=first_chunk)
+    if not entry.weight_file:
         raise ConfigError(f"decoder: {kind!r} loads from the VAE folder (--weights), not a decoder file")
+    sd = read_weight_file(path)
+    if entry.pruning is not None:
+        rate = file_pruning_rate(sd, vae, path)
+        if abs(rate - entry.pruning) > 1e-6:
+            rates = ", ".join(f"{k.name} for {k.pruning}" for k in DECODERS.values() if k.pruning is not None)
+            raise DecoderFileError(f"{path}: an MG-LightVAE file pruned at {rate:.3g}; decoder {kind!r} expects "
+                                   f"{entry.pruning} (use {rates})")
+    if entry.file_prefix:
+        sd = {k: v for k, v in sd.items() if k.startswith(entry.file_prefix)}
+        if not sd:
+            raise DecoderFileError(f"{path}: no '{entry.file_prefix}*' tensors: not a {entry.file_format}")
+    module = build_decoder(kind, vae, dtype=torch.float32, latents=latents, first_chunk=first_chunk)
     _load_strict(module, sd, path, kind)
     return module.to(device=device, dtype=dtype).eval()
 

@@ -159,12 +159,12 @@ def shard_model(model: nn.Module, groups: ParallelGroups, device: torch.device |
 
 def shard_for_lora(model: nn.Module, groups: ParallelGroups, device: torch.device | str, *,
                    compute_dtype: torch.dtype | None = None, offload: bool = False) -> FSDPPlan:
-    """Shard a LoRA-carrying DiT (``impl.train.lora.add_lora``) or a frozen one (a DMD
+    """Shard a LoRA-carrying DiT (``impl.model.lora.add_lora``) or a frozen one (a DMD
     teacher) with the same units as :func:`shard_model`. The frozen base weights, the
     memory that matters, are sharded in the compute dtype (no master copy: they never
     change); the trainable LoRA tensors are sharded as float32 masters with float32
     gradients. Train with :class:`impl.train.optim.ShardedAdamW` over
-    ``impl.train.lora.trainable_parameters(model)``; save with :func:`gather_lora_state_dict`.
+    ``impl.model.lora.trainable_parameters(model)``; save with :func:`gather_lora_state_dict`.
     """
     if compute_dtype is None:
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
@@ -229,9 +229,9 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gather_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``impl.train.lora.lora_state_dict`` of a sharded model as full CPU tensors on every
+    """``impl.model.lora.lora_state_dict`` of a sharded model as full CPU tensors on every
     rank (collective). ``save_lora`` reads ``lora_state_dict(model)`` itself, which are
     shards here; docs/training.md names the one-line change it needs for sharded models."""
-    from impl.train.lora import lora_state_dict
+    from impl.model.lora import lora_state_dict
 
     return full_tensors(lora_state_dict(model), rank0_only=False)

@@ -90,10 +90,11 @@ def nvfp4_matmul(a: nvfp4.NVFP4Tensor, b: nvfp4.NVFP4Tensor) -> torch.Tensor:
     ``code * s`` (exact in BF16) multiplied with float32 accumulation, then the two global
     factors applied once to the float32 result. a [M, K], b [N, K] -> float32 [M, N]."""
     if a.packed.device.type == "cuda":
-        acc = torch.mm(a.dequantize(torch.bfloat16, with_global=False),
-                       b.dequantize(torch.bfloat16, with_global=False).t(), out_dtype=torch.float32)
+        acc = torch.mm(nvfp4.dequantize(a, torch.bfloat16, with_global=False),
+                       nvfp4.dequantize(b, torch.bfloat16, with_global=False).t(), out_dtype=torch.float32)
     else:
-        acc = a.dequantize(torch.float32, with_global=False) @ b.dequantize(torch.float32, with_global=False).t()
+        acc = (nvfp4.dequantize(a, torch.float32, with_global=False)
+               @ nvfp4.dequantize(b, torch.float32, with_global=False).t())
     return acc * (a.global_scale * b.global_scale)
 
 
@@ -122,9 +123,9 @@ class _NVFP4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         (weight,) = ctx.saved_tensors
-        cfg, x_hat = ctx.cfg, ctx.xq.dequantize(torch.float32)
+        cfg, x_hat = ctx.cfg, nvfp4.dequantize(ctx.xq, torch.float32)
         if not cfg.quantize_grads:
-            w_hat = ctx.wq.dequantize(torch.float32)
+            w_hat = nvfp4.dequantize(ctx.wq, torch.float32)
             gy32 = gy.float()
             return (gy32 @ w_hat).to(gy.dtype), (gy32.t() @ x_hat).to(weight.dtype), None
         # dgrad: gx = gy @ W reduces over N, so W^T is quantized along N (with 16x16 tiles
@@ -181,10 +182,10 @@ class NVFP4WeightOnlyLinear(QuantLinear):
             from impl.quant import triton_nvfp4
             y = triton_nvfp4.weight_only_matmul(x2d.to(torch.bfloat16), wq)
         elif x.device.type == "cuda":
-            w = wq.dequantize(torch.bfloat16, with_global=False)       # code * s: exact in BF16
+            w = nvfp4.dequantize(wq, torch.bfloat16, with_global=False)  # code * s: exact in BF16
             y = torch.mm(x2d.to(torch.bfloat16), w.t(), out_dtype=torch.float32) * wq.global_scale
         else:
-            y = (x2d.float() @ wq.dequantize(torch.float32, with_global=False).t()) * wq.global_scale
+            y = (x2d.float() @ nvfp4.dequantize(wq, torch.float32, with_global=False).t()) * wq.global_scale
         return self._out(y, x)
 
 

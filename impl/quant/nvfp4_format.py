@@ -96,6 +96,7 @@ def check_amax(amax: torch.Tensor, x: torch.Tensor, *, tile_2d: bool = False) ->
 @dataclass
 class NVFP4Tensor:
     """A quantized tensor of logical shape ``[..., K]`` (K a multiple of 16).
+    Decode it with :func:`impl.quant.nvfp4.dequantize` (the Triton kernel or the PyTorch ops).
 
     packed: uint8 [..., K/2]; scales: float8_e4m3fn [..., K/16];
     global_scale: float32 decode factor ``gd``, broadcastable to ``scales``.
@@ -116,11 +117,3 @@ class NVFP4Tensor:
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32, *, with_global: bool = True) -> torch.Tensor:
-        """``code * s * gd`` (or ``code * s`` without the global factor, exact in bf16).
-
-        Delegates to :func:`impl.quant.nvfp4.dequantize`, which picks the Triton kernel or the
-        PyTorch ops; imported on call because that module builds on this one."""
-        from impl.quant.nvfp4 import dequantize
-        return dequantize(self, dtype, with_global=with_global)

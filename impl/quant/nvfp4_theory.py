@@ -55,7 +55,7 @@ def main() -> None:
     """``python -m impl.quant.nvfp4_theory [--samples N] [--seed S]``: measured vs predicted SQNR."""
     import argparse
 
-    from impl.quant.nvfp4 import SCALE_RULES, quantize, sqnr_db
+    from impl.quant.nvfp4 import SCALE_RULES, dequantize, quantize, sqnr_db
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--samples", type=int, default=1 << 22, help="Gaussian samples (multiple of 1024)")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +65,7 @@ def main() -> None:
     x = torch.randn(args.samples // 1024, 1024, generator=torch.Generator().manual_seed(args.seed))
     print(f"{'rule':<10}{'measured dB':>13}{'predicted dB':>14}")
     for name, rule in SCALE_RULES.items():
-        measured = sqnr_db(x, quantize(x, name).dequantize())
+        measured = sqnr_db(x, dequantize(quantize(x, name)))
         predicted = expected_sqnr_gaussian(float(x.abs().max()), name) if rule.error is None else float("nan")
         print(f"{name:<10}{measured:>13.3f}{predicted:>14.3f}")
 

@@ -308,25 +308,3 @@ def build_prequantized_layers(model: nn.Module, quant: Mapping[str, Mapping[str,
         layers[name] = layer
     return layers
 
-
-def export_release_checkpoint(model: nn.Module, path, rule: str = DEFAULT_RULE, *,
-                              extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``model`` (plain BF16 block linears) as the release's pre-quantized NVFP4
-    generator: original Wan names, the block linears as ``quantized_weight_*`` buffers from our
-    quantizer, everything else as it is (for tests, and for users of the release's loader)."""
-    from impl.model.checkpoint import diffusers_to_original
-    from impl.quant.apply import block_linear_names
-
-    names = set(block_linear_names(model))
-    sd: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if module in names and leaf == "weight":
-            for k, v in quantize_to_release(value.detach().cpu(), rule).items():
-                sd[f"{module}.{k}"] = v
-        else:
-            sd[key] = value.detach().cpu()
-    obj = {"generator": diffusers_to_original(sd), "checkpoint_format": FORMAT, "checkpoint_version": FORMAT_VERSION,
-           "merged_lora": False, "quantization": {"backend": "fouroversix", "weight_scale_rule": rule,
-                                                  "activation_scale_rule": rule}, **(extra or {})}
-    torch.save(obj, str(path))

@@ -92,7 +92,7 @@ def _reference(preset_name, ar_steps, seed, device, reference_steps, videos):
 def _distill(preset_name: str, state, text, steps: int, iters: int, rank: int, seed: int, device):
     """DMD-distil a ``steps``-step LoRA student; returns its merged weights (a state dict)."""
     from impl.train.dmd import DMDConfig, DMDTrainer
-    from impl.train.lora import LoraSpec, add_lora, merge_and_unload
+    from impl.model.lora import LoraSpec, add_lora, merge_and_unload
 
     preset = get_preset(preset_name)
     teacher = _model(preset_name, state, device)

@@ -47,7 +47,7 @@ def run_nvfp4_kernels(variant: dict[str, Any], measure: dict[str, Any], hardware
     else:
         packed = [nvfp4.quantize(x, rule) for x in inputs]
         if op == "dequantize":
-            fn = lambda: packed[next(calls) % len(packed)].dequantize(torch.bfloat16)
+            fn = lambda: nvfp4.dequantize(packed[next(calls) % len(packed)], torch.bfloat16)
         else:
             tpb = variant["tokens_per_block"]
             heads = variant["heads"]

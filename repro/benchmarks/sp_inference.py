@@ -1,7 +1,7 @@
 """``sp_inference``: measured FPS and bytes per block of sequence-parallel streaming inference.
 
 The harness runs one process, so each variant launches ``torchrun --standalone
---nproc-per-node sp_size -m impl.parallel.sp_inference`` (NCCL, one GPU per rank, on CUDA;
+--nproc-per-node sp_size -m impl.inference.sp`` (NCCL, one GPU per rank, on CUDA;
 gloo on the CPU) and reads the JSON summary global rank 0 writes. One video of
 ``warmup_blocks + blocks`` AR blocks is generated with random weights and a fixed random
 text embedding per prompt (speed does not depend on either):
@@ -31,7 +31,7 @@ def _check(variant: dict[str, Any]) -> None:
 
 def launch_command(variant: dict[str, Any], measure: dict[str, Any], out: Path) -> list[str]:
     """The torchrun command line of one variant."""
-    cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.parallel.sp_inference",
+    cmd = [*torchrun_prefix(variant["sp_size"]), "-m", "impl.inference.sp",
            "--preset", variant["preset"], "--sp-size", str(variant["sp_size"]),
            "--kv-cache", variant["kv_cache"], "--kv-comm", variant["kv_comm"],
            "--steps", str(variant["steps"]), "--dtype", variant["dtype"],

@@ -1,5 +1,5 @@
 """``sp_inference_cost``: analytic per-block time and bytes of Ulysses sequence-parallel (SP)
-streaming inference (impl.parallel.sp_inference), with a BF16 or an NVFP4 K/V exchange.
+streaming inference (impl.inference.sp), with a BF16 or an NVFP4 K/V exchange.
 Nothing is timed: the numbers follow from the preset's shapes and the rates given as measure
 fields, so it runs on any device in milliseconds per variant.
 
@@ -51,7 +51,7 @@ from typing import Any
 
 from impl.inference.config import InferenceConfig
 from impl.parallel.sp_exchange import block_bytes
-from impl.parallel.sp_inference import config_block_bytes
+from impl.inference.sp import config_block_bytes
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._shared import inference_field, preset_field
 from repro.roofline import H100_RATE_FIELDS, analytic_label, block_flops

@@ -21,7 +21,7 @@ behave exactly as on one GPU. What a forward does per rank is described in
   video i with seed ``seed + i``, so a video does not depend on the DP size.
 
 Entry point (NCCL on GPUs, gloo on CPU): ``torchrun --nproc-per-node 2 -m
-impl.parallel.sp_inference --preset tiny --sp-size 2 --kv-cache nvfp4 --shot "a cat::4" --out
+impl.inference.sp --preset tiny --sp-size 2 --kv-cache nvfp4 --shot "a cat::4" --out
 outputs/sp``; ``--help`` lists every option. docs/sp_inference.md has the byte formulas.
 """
 
@@ -43,10 +43,10 @@ from impl.io import write_json
 from impl.inference.build import Weights, build_pipeline, torch_dtype
 from impl.inference.config import InferenceConfig, add_arguments, config_from_args
 from impl.model.kv_cache import KVCache
-from impl.parallel.groups import ParallelConfigError, ParallelGroups
+from impl.parallel.groups import ParallelConfigError, ParallelGroups, build_groups, init_distributed
 from impl.parallel.sp_exchange import BlockBytes, SPExchange, block_bytes
-from impl.pipeline import BlockTiming, GenerationResult
-from impl.session import StreamingSession, encode_frames, encode_image, resolve_encoder
+from impl.pipeline import GenerationResult, parse_shot, shot_prompts
+from impl.session import BlockTiming, StreamingSession, encode_frames, encode_image, resolve_encoder
 
 
 def config_block_bytes(cfg: InferenceConfig, element_bytes: int, batch: int = 1) -> BlockBytes:
@@ -127,10 +127,10 @@ DEFAULT_PROMPT = "A red fox runs through fresh snow in a quiet forest at dawn."
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m impl.parallel.sp_inference",
+        prog="torchrun --nproc-per-node N -m impl.inference.sp",
         description="Sequence-parallel streaming video generation (Ulysses SP x data parallel). "
                     "world size = sp_size x dp_size; each DP group generates its share of the videos.",
-        epilog="Example: torchrun --nproc-per-node 2 -m impl.parallel.sp_inference --preset tiny --sp-size 2 "
+        epilog="Example: torchrun --nproc-per-node 2 -m impl.inference.sp --preset tiny --sp-size 2 "
                "--kv-cache nvfp4 --shot 'a cat::3' --shot 'a dog::2' --out outputs/sp. Without torchrun it "
                "runs as one process (sp-size 1). Outputs in --out, written by each SP group's root: "
                "video_NNNN.mp4 (with decode), latents_NNNN.pt (--save-latents), timings_NNNN.json; "
@@ -165,7 +165,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _videos(args: argparse.Namespace, scene_cut_prefix: str) -> list[list[str]]:
     """Per video, its per-block prompts."""
-    from impl.pipeline import parse_shot, shot_prompts
     if args.shot and args.prompt_file:
         raise ValueError("--shot and --prompt-file: give one or the other")
     if args.prompt_file:
@@ -206,7 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from impl.parallel.groups import init_distributed
     _, _, device = init_distributed()
     if args.dtype is None:
         cfg = cfg.replace(dtype="bf16" if device.type == "cuda" else "fp32")
@@ -218,7 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, cfg: InferenceConfig, videos: list[list[str]], device: torch.device) -> int:
-    from impl.parallel.groups import build_groups
     groups = build_groups(cfg.sp_size)
     text = args.text or ("encoder" if args.weights else "embedding")
     weights = Weights(root=args.weights, dit=args.dit, text=text, seed=args.seed)
