@@ -389,10 +389,12 @@ def test_generate_command_checks_its_input_before_building(tmp_path, monkeypatch
         assert why in capsys.readouterr().err, argv
     from impl.model.lora import SKIP_BASE_CHECK_FLAG
     seen = []
+    lora = tmp_path / "x.safetensors"   # it must exist: a missing --lora is refused before the build
+    lora.write_bytes(b"")
     monkeypatch.setattr(build, "build_pipeline", lambda cfg, dev, weights, **k: seen.append(weights) or 1 / 0)
     for flags in ([], [SKIP_BASE_CHECK_FLAG]):   # the flag the LoRA loader's error names
         with pytest.raises(ZeroDivisionError):
-            main(["generate", "--shot", "a cat", "--out", out, "--device", "cpu", "--lora", "x.safetensors", *flags])
+            main(["generate", "--shot", "a cat", "--out", out, "--device", "cpu", "--lora", str(lora), *flags])
     assert [w.lora_check_base for w in seen] == [True, False]
     monkeypatch.setattr(build, "build_pipeline", real)
     assert main(["generate", "--shot", "a cat::2", "--image", str(ok), "--out", out, "--device", "cpu"]) == 0

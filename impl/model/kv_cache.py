@@ -29,7 +29,7 @@ time), and the current block's own K/V enter it unquantized, as in the release. 
 committing forward of a block (the clean re-cache pass) quantizes it into storage; the
 denoising steps' K/V of the current block are used fresh and never stored.
 
-Sequence-parallel inference (impl/parallel/sp_inference.py) gives each rank a cache of
+Sequence-parallel inference (impl/inference/sp.py) gives each rank a cache of
 ``num_heads / sp`` heads for every token. Two hooks keep its NVFP4 codes bit-identical to the
 matching heads of a one-GPU cache: ``amax_reduce`` turns the rank's per-slot amax into the max
 over all ranks (the tensor scale one GPU computes over all heads), and :meth:`KVCache.write`
