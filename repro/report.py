@@ -23,6 +23,7 @@ from impl.io import atomic_path, write_text
 
 from repro.errors import HarnessError
 from repro.records import load_records
+from repro.stats import intervals_separate
 
 META_COLS = ("hardware",)
 TAIL_COLS = ("speedup_vs_baseline", "commit")
@@ -302,12 +303,35 @@ BENCHMARK_COLUMN_DOCS: dict[str, dict[str, str]] = {
 
 def column_doc(column: str, benchmark: str | None = None, fields: dict[str, Any] | None = None) -> str | None:
     """The plain-English definition of a table column, or None when it has none."""
+    if column.endswith("_ci95"):
+        base = column_doc(column[:-len("_ci95")], benchmark, fields)
+        return (f"half-width of the Student-t 95% confidence interval of `{column[:-5]}` over the seeds "
+                f"(mean +- this; Markdown tables show it as `mean ± ci95`)") if base else None
+    if column in _SPREAD_DOCS:
+        return _SPREAD_DOCS[column]
+    doc = _plain_column_doc(column, benchmark, fields)
+    if doc is None and column.endswith(("_min", "_max")) and _plain_column_doc(column[:-4], benchmark, fields):
+        which = "fastest" if column.endswith("_max") == ("fps" in column) else "slowest"
+        return f"`{column[:-4]}` of the {which} of the repeated runs (the column itself is their median)"
+    return doc
+
+
+def _plain_column_doc(column: str, benchmark: str | None, fields: dict[str, Any] | None) -> str | None:
     if benchmark and column in BENCHMARK_COLUMN_DOCS.get(benchmark, {}):
         return BENCHMARK_COLUMN_DOCS[benchmark][column]
     field = (fields or {}).get(column)
     if field is not None and getattr(field, "help", ""):
         return str(field.help)
     return COLUMN_DOCS.get(column)
+
+
+_SPREAD_DOCS = {
+    "vs_baseline": "metrics whose 95% interval over seeds separates from the baseline row's (same hardware and "
+                   "preset), with the direction (`adherence lower`); `no measurable difference` where every interval "
+                   "overlaps the baseline's; empty where a row or its baseline has no intervals",
+    "busy": "the repeated runs spread by more than 25% of their median (or a block's p90 exceeded 3x its p50): "
+            "something else ran on the machine, so the speed figures of this row say little",
+}
 
 
 def _benchmark(records: list[dict[str, Any]]) -> Any:
@@ -647,12 +671,22 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
         ys = list(range(len(rows)))
         for j, (ax, m) in enumerate(zip(axes, metrics)):
             vals = [float(r["metrics"][m]) if _num(r["metrics"].get(m)) else float("nan") for r, _ in rows]
+            # 95% intervals over seeds (quality) as error bars, where recorded
+            errs = [float(r["metrics"][f"{m}_ci95"]) if _num(r["metrics"].get(f"{m}_ci95")) else 0.0 for r, _ in rows]
             colors = ["tab:orange" if r is base else ("tab:blue" if j == 0 else "tab:cyan") for r, _ in rows]
-            bars = ax.barh(ys, vals, height=0.7, color=colors)
-            ax.bar_label(bars, labels=[fmt_num(v) for v in vals], padding=3, fontsize=8)
+            ax.barh(ys, vals, height=0.7, color=colors, zorder=2,
+                    xerr=errs if any(errs) else None, error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
+            # Value labels past the bar (and its error bar) on a white box above the baseline line,
+            # so the line never runs through a number.
+            for y, v, e in zip(ys, vals, errs):
+                if math.isfinite(v):
+                    ax.annotate(fmt_num(v) + (f" ± {fmt_num(e)}" if e else ""), (v + e if v >= 0 else v - e, y),
+                                xytext=(4 if v >= 0 else -4, 0), textcoords="offset points", va="center",
+                                ha="left" if v >= 0 else "right", fontsize=8, zorder=4,
+                                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})
             if base is not None and _num(base["metrics"].get(m)):
                 bv = float(base["metrics"][m])
-                ax.axvline(bv, color="tab:orange", ls="--", lw=1.2)
+                ax.axvline(bv, color="tab:orange", ls="--", lw=1.2, zorder=1)
             ax.set_yticks(ys)
             ax.set_yticklabels([lab + (" (baseline)" if r is base else "") for r, lab in rows] if j == 0 else [],
                                fontsize=9)
@@ -661,7 +695,7 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
                     tick.set_color("tab:orange")
             ax.set_ylim(len(rows) - 0.5, -0.5)   # best on top
             ax.set_xlabel(axis_label(m), fontsize=9)
-            ax.margins(x=0.16)
+            ax.margins(x=0.24 if any(errs) else 0.16)
             ax.grid(axis="x", alpha=0.3)
             if j > 0:
                 ax.set_title(PLOT_TITLES.get(m, m), fontsize=10, loc="left")
@@ -773,7 +807,8 @@ def scatter_plot(records: list[dict[str, Any]], x_metric: str, y_metrics: list[s
 _QUALITY_VIEW = ("q_adherence", "q_fd", "q_psnr_vs_ref", "q_psnr_vs_teacher")
 
 
-def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: Any, plots_dir: Path) -> list[Path]:
+def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: Any, plots_dir: Path,
+                       suffix: str = "") -> list[Path]:
     """The views beyond the bar chart: speed vs peak memory where records have both, and speed vs
     quality where a spec measures both."""
     order = list(getattr(bench, "variant_fields", {}) or [])
@@ -784,14 +819,14 @@ def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: An
         # x = memory, one panel per speed metric: which paths are fast AND small
         p = scatter_plot([r for r in records if _num(r["metrics"].get("peak_mem_gb"))], "peak_mem_gb",
                          speed, f"{experiment}: speed vs peak GPU memory (up and to the left is better)",
-                         plots_dir / f"{experiment}_speed_vs_memory.png", order=order, baseline=baseline)
+                         plots_dir / f"{experiment}_speed_vs_memory{suffix}.png", order=order, baseline=baseline)
         if p is not None:
             out.append(p)
     quality = [m for m in _QUALITY_VIEW if any(_num(r["metrics"].get(m)) for r in records)][:3]
     qspeed = next((m for m in ("dit_fps", "e2e_fps") if any(_num(r["metrics"].get(m)) for r in records)), None)
     if quality and qspeed:
         p = scatter_plot(records, qspeed, quality, f"{experiment}: quality vs speed",
-                         plots_dir / f"{experiment}_speed_vs_quality.png", order=order, baseline=baseline)
+                         plots_dir / f"{experiment}_speed_vs_quality{suffix}.png", order=order, baseline=baseline)
         if p is not None:
             out.append(p)
     return out
@@ -802,6 +837,62 @@ def save_figure(fig, path: Path) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=PLOT_DPI)
     return path
+
+
+# ---------------------------------------------------------------- device classes and intervals
+
+def device_parts(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The records split into GPU and CPU ones (GPU first, empty parts left out): a CPU smoke run's
+    speed is never set beside a GPU's in one table or figure."""
+    gpu = [r for r in records if r["hardware"].get("device") == "cuda"]
+    cpu = [r for r in records if r["hardware"].get("device") != "cuda"]
+    return [(kind, part) for kind, part in (("GPU", gpu), ("CPU", cpu)) if part]
+
+
+def interval_columns(records: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    """``<metric>_ci95`` of the table metrics that some record has (quality: over seeds)."""
+    return [f"{m}_ci95" for m in metrics if any(_num(r["metrics"].get(f"{m}_ci95")) for r in records)]
+
+
+def _verdict(record: dict[str, Any], base: dict[str, Any] | None, metrics: list[str]) -> str | None:
+    if base is None:
+        return None
+    if record is base:
+        return "baseline"
+    pairs = [(m, record["metrics"].get(m), record["metrics"].get(f"{m}_ci95"), base["metrics"].get(m),
+              base["metrics"].get(f"{m}_ci95")) for m in metrics]
+    pairs = [p for p in pairs if all(_num(x) for x in p[1:])]
+    if not pairs:
+        return None
+    real = [f"{m.removeprefix('q_')} {'higher' if a > b else 'lower'}" for m, a, ha, b, hb in pairs
+            if intervals_separate(float(a), float(ha), float(b), float(hb))]
+    return ", ".join(real) if real else "no measurable difference"
+
+
+def with_verdicts(records: list[dict[str, Any]], metrics: list[str], bench: Any = None) -> list[dict[str, Any]]:
+    """The records with ``vs_baseline`` added to their metrics where intervals are recorded: the
+    metrics whose 95% interval separates from the baseline's (same hardware and preset), or
+    "no measurable difference"."""
+    if not interval_columns(records, metrics):
+        return records
+    baseline = spec_baseline(records, bench)
+    out = []
+    for _, group in facet_groups(records):
+        base = _baseline_record(group, baseline)
+        out += [{**r, "metrics": {**r["metrics"], "vs_baseline": _verdict(r, base, metrics)}} for r in group]
+    return out
+
+
+def interval_markdown(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``mean ± ci95`` cells in place of each metric and its ``_ci95`` column (Markdown tables)."""
+    out = df.copy()
+    for m in metrics:
+        ci = f"{m}_ci95"
+        if ci in out.columns and m in out.columns:
+            out[m] = [(fmt_num(v) + (f" ± {fmt_num(h)}" if _num(h) else "")) if _num(v) else ""
+                      for v, h in zip(out[m], out[ci])]
+            out = out.drop(columns=[ci])
+    return out
 
 
 # ---------------------------------------------------------------- the report
@@ -832,22 +923,35 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         recs = by_exp[exp]
         bench = _benchmark(recs)
         metrics, plot_metric, description, extra_plots = _benchmark_columns(recs)
-        df = experiment_frame(recs, metrics)
+        recs = with_verdicts(recs, metrics, bench)
+        columns = metrics + interval_columns(recs, metrics)
+        if any(r["metrics"].get("vs_baseline") for r in recs):
+            columns.append("vs_baseline")
+        df = experiment_frame(recs, columns)
         md = [f"# {exp}", ""]
         if description:
             md += [description, ""]
-        md += [to_markdown(df), legend_markdown(list(df.columns), bench)]
+        parts = device_parts(recs)
+        for kind, part in parts:   # CPU rows never share a table with GPU rows
+            if len(parts) > 1:
+                md += [f"## {kind} records" + (" (a CPU smoke run: not comparable with the GPU rows)"
+                                               if kind == "CPU" else ""), ""]
+            md += [to_markdown(interval_markdown(experiment_frame(part, columns), metrics))]
+        md += [legend_markdown(list(interval_markdown(df, metrics).columns), bench)]
         out.append(write_text(root / "tables" / f"{exp}.md", "\n".join(md)))
         csv_path = root / "tables" / f"{exp}.csv"
         out.append(write_text(csv_path, df.to_csv(index=False)))
         plots: list[Path] = []
-        if plot_metric:
-            order = list(getattr(bench, "variant_fields", {}) or [])
-            png = bar_plot(recs, plot_metric, plot_title(exp, plot_metric), root / "plots" / f"{exp}.png",
-                           order=order, companion=_COMPANIONS.get(plot_metric), baseline=spec_baseline(recs, bench))
-            plots += [png] if png is not None else []
-        plots += extra_report_plots(exp, recs, bench, root / "plots")
-        if extra_plots is not None:   # benchmark-specific figures (e.g. drift curves)
+        for kind, part in parts:   # one figure per device class: CPU speed never beside GPU speed
+            suffix = "_cpu" if kind == "CPU" and len(parts) > 1 else ""
+            if plot_metric:
+                order = list(getattr(bench, "variant_fields", {}) or [])
+                png = bar_plot(part, plot_metric, plot_title(exp, plot_metric) + (", CPU" if suffix else ""),
+                               root / "plots" / f"{exp}{suffix}.png", order=order,
+                               companion=_COMPANIONS.get(plot_metric), baseline=spec_baseline(part, bench))
+                plots += [png] if png is not None else []
+            plots += extra_report_plots(exp, part, bench, root / "plots", suffix=suffix)
+        if extra_plots is not None:   # benchmark-specific figures (e.g. drift curves, one per hardware)
             plots += extra_plots(recs, root / "plots")
         out += plots
         hws = ", ".join(dict.fromkeys(df["hardware"]))
