@@ -191,8 +191,11 @@ def test_quality_rows_average_seeds_with_intervals(tmp_path):
 
 def test_combine_seeds_means_intervals_and_strings():
     from repro.benchmarks.quality import combine_seeds
-    out = combine_seeds([{"q_adherence": 0.2, "series_x_b00": 1.0, "train_device_vae": "cpu", "q_kid": None},
-                         {"q_adherence": 0.4, "series_x_b00": 3.0, "train_device_vae": "cpu", "q_kid": 0.5}])
+    out = combine_seeds([{"q_adherence": 0.2, "series_x_b00": 1.0, "train_device_vae": "cpu", "q_kid": None,
+                          "vae_last_loss": 0.3, "train_s_vae": 10.0},
+                         {"q_adherence": 0.4, "series_x_b00": 3.0, "train_device_vae": "cpu", "q_kid": 0.5,
+                          "vae_last_loss": 0.5, "train_s_vae": 12.0}])
+    assert out["vae_last_loss_ci95"] > 0 and out["train_s_vae"] == 11.0 and "train_s_vae_ci95" not in out
     assert out["q_adherence"] == pytest.approx(0.3) and out["q_adherence_ci95"] == pytest.approx(12.706 * 0.1)
     assert out["series_x_b00"] == 2.0 and "series_x_b00_ci95" not in out and out["train_device_vae"] == "cpu"
     assert out["q_kid"] == 0.5 and out["q_kid_ci95"] is None and out["seeds_used"] == 2

@@ -137,7 +137,8 @@ def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict
 
 def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One record's metrics from per-seed ones: the mean of every number over the seeds that have
-    it (``train_s_*``: per seed), ``<q metric>_ci95`` for the quality metrics, strings from the
+    it (``train_s_*``: per seed), ``<metric>_ci95`` for the quality metrics, the training losses
+    and the detector's accuracies (not for per-block curves, times and speeds), strings from the
     first seed (the same in all: devices, modes)."""
     from repro.stats import mean_ci95
     out: dict[str, Any] = {}
@@ -150,7 +151,7 @@ def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         mean, half = mean_ci95(nums)
         out[name] = mean if math.isfinite(mean) else None
-        if name.startswith("q_"):
+        if not name.startswith(("series_", "train_s_")) and "fps" not in name:
             out[f"{name}_ci95"] = half
     out["seeds_used"] = len(per_seed)
     return out
