@@ -671,16 +671,21 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
         ys = list(range(len(rows)))
         for j, (ax, m) in enumerate(zip(axes, metrics)):
             vals = [float(r["metrics"][m]) if _num(r["metrics"].get(m)) else float("nan") for r, _ in rows]
-            # 95% intervals over seeds (quality) as error bars, where recorded
+            # 95% intervals over seeds (quality) as error bars, where recorded; else the min-max
+            # range of repeated runs (speed)
             errs = [float(r["metrics"][f"{m}_ci95"]) if _num(r["metrics"].get(f"{m}_ci95")) else 0.0 for r, _ in rows]
+            spans = [(v - float(r["metrics"][f"{m}_min"]), float(r["metrics"][f"{m}_max"]) - v)
+                     if _num(r["metrics"].get(f"{m}_min")) and _num(r["metrics"].get(f"{m}_max")) else (e, e)
+                     for (r, _), v, e in zip(rows, vals, errs)]
+            xerr = [[lo for lo, _ in spans], [hi for _, hi in spans]] if any(lo or hi for lo, hi in spans) else None
             colors = ["tab:orange" if r is base else ("tab:blue" if j == 0 else "tab:cyan") for r, _ in rows]
             ax.barh(ys, vals, height=0.7, color=colors, zorder=2,
-                    xerr=errs if any(errs) else None, error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
+                    xerr=xerr, error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
             # Value labels past the bar (and its error bar) on a white box above the baseline line,
             # so the line never runs through a number.
-            for y, v, e in zip(ys, vals, errs):
+            for y, v, e, (lo, hi) in zip(ys, vals, errs, spans):
                 if math.isfinite(v):
-                    ax.annotate(fmt_num(v) + (f" ± {fmt_num(e)}" if e else ""), (v + e if v >= 0 else v - e, y),
+                    ax.annotate(fmt_num(v) + (f" ± {fmt_num(e)}" if e else ""), (v + hi if v >= 0 else v - lo, y),
                                 xytext=(4 if v >= 0 else -4, 0), textcoords="offset points", va="center",
                                 ha="left" if v >= 0 else "right", fontsize=8, zorder=4,
                                 bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})
@@ -695,12 +700,18 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
                     tick.set_color("tab:orange")
             ax.set_ylim(len(rows) - 0.5, -0.5)   # best on top
             ax.set_xlabel(axis_label(m), fontsize=9)
-            ax.margins(x=0.24 if any(errs) else 0.16)
+            ax.margins(x=0.24 if xerr else 0.16)
+            if all(v >= 0 for v in vals if math.isfinite(v)):
+                ax.set_xlim(left=0)   # an error bar below zero is cut, not an axis of negative values
             ax.grid(axis="x", alpha=0.3)
             if j > 0:
                 ax.set_title(PLOT_TITLES.get(m, m), fontsize=10, loc="left")
         sub = common_label(grecs, order)
         head = gtitle + (" (orange: the spec's baseline; dashed line at its value)" if base is not None else "")
+        if any(_num(r["metrics"].get(f"{metric}_ci95")) for r in grecs):
+            head += "\nerror bars: 95% confidence intervals over seeds"
+        elif any(_num(r["metrics"].get(f"{metric}_min")) for r in grecs):
+            head += "\nwhiskers: fastest and slowest of the repeated runs (bars: their median)"
         axes[0].set_title(head + (f"\nall rows: {_wrap(sub, 100)}" if sub else ""), fontsize=10, loc="left")
     fig.suptitle(title, fontsize=12)
     save_figure(fig, path)
