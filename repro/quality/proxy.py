@@ -115,8 +115,12 @@ def portable_cpu_kernels(device: torch.device | str):
     if torch.device(device).type != "cpu":
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    import warnings
+    with warnings.catch_warnings():
+        # flags() also re-sets oneDNN's TF32 switch, which warns that TF32 is for Intel GPUs
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def _embedder(text_encoder) -> Callable[[str], torch.Tensor]:
