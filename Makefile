@@ -9,15 +9,16 @@ PY          := $(VENV)/bin/python
 # The CPU wheel; an unpinned torch from PyPI would pull gigabytes of CUDA packages.
 TORCH_SPEC  ?= torch==2.13.0
 RESULTS     ?= results
-# The main job's experiments: inference speed, and the quality proxy (trained here: about 5 min
-# on a 2-core CPU with the tiny preset; on a GPU the proxy preset trains for longer, see README).
+# The main job's experiments: inference speed, and the quality proxy (3 seeds, trained here with
+# the tiny preset on a 2-core CPU; on a GPU the proxy preset trains for longer, see README).
 SPECS       ?= experiments/inference_speed.yaml experiments/quality.yaml
 # CPU numerics pinned for reproducible records (CPU-only machines; GPU machines run as they are):
-# the AVX2 code paths of ATen, MKL and oneDNN on any x86 CPU (an AVX-512 Xeon otherwise takes
-# other kernels than an AVX2 EPYC, and the proxy's training trajectories drift apart) and a
-# fixed thread count. Records carry these settings (hardware.cpu_numerics); check-reproduce
-# states the tolerances a fresh run must meet.
-CPU_NUMERICS ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+# ATen's AVX2 kernels; MKL's COMPATIBLE branch, the one MKL honours on every x86 CPU (it ignores
+# MKL_CBWR=AVX2 on AMD and runs CNR:AUTO there: other GEMM code than on an Intel Xeon), without
+# dynamic thread counts; oneDNN capped at AVX2 (the quality proxy does not use it on CPU:
+# repro.quality.proxy.portable_cpu_kernels); a fixed thread count. Records carry these settings
+# (hardware.cpu_numerics); check-reproduce prints what it compared and why it passed.
+CPU_NUMERICS ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE MKL_DYNAMIC=FALSE ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 
 .PHONY: venv reproduce check-reproduce test test-gpu bench bench-pytest report clean
 
@@ -38,7 +39,8 @@ reproduce: venv
 	$(MAKE) --no-print-directory report
 
 ## A fresh `make reproduce` into a scratch folder, compared with the committed CPU records
-## (quality metrics tight, speed within 3x): see repro/reproduce_check.py.
+## (quality metrics: 95% intervals over seeds overlap; speed within 3x unless flagged busy):
+## see repro/reproduce_check.py.
 check-reproduce: venv
 	rm -rf .cache/check_reproduce
 	$(MAKE) --no-print-directory reproduce RESULTS=.cache/check_reproduce

@@ -23,7 +23,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-CPU_NUMERICS_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CPU_NUMERICS_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_DYNAMIC", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS",
+                     "MKL_NUM_THREADS")
 
 
 def detect_hardware(device: str | None = None) -> dict[str, Any]:

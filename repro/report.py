@@ -23,6 +23,7 @@ from impl.io import atomic_path, write_text
 
 from repro.errors import HarnessError
 from repro.records import load_records
+from repro.stats import intervals_separate
 
 META_COLS = ("hardware",)
 TAIL_COLS = ("speedup_vs_baseline", "commit")
@@ -319,12 +320,35 @@ BENCHMARK_COLUMN_DOCS: dict[str, dict[str, str]] = {
 
 def column_doc(column: str, benchmark: str | None = None, fields: dict[str, Any] | None = None) -> str | None:
     """The plain-English definition of a table column, or None when it has none."""
+    if column.endswith("_ci95"):
+        base = column_doc(column[:-len("_ci95")], benchmark, fields)
+        return (f"half-width of the Student-t 95% confidence interval of `{column[:-5]}` over the seeds "
+                f"(mean +- this; Markdown tables show it as `mean ± ci95`)") if base else None
+    if column in _SPREAD_DOCS:
+        return _SPREAD_DOCS[column]
+    doc = _plain_column_doc(column, benchmark, fields)
+    if doc is None and column.endswith(("_min", "_max")) and _plain_column_doc(column[:-4], benchmark, fields):
+        which = "fastest" if column.endswith("_max") == ("fps" in column) else "slowest"
+        return f"`{column[:-4]}` of the {which} of the repeated runs (the column itself is their median)"
+    return doc
+
+
+def _plain_column_doc(column: str, benchmark: str | None, fields: dict[str, Any] | None) -> str | None:
     if benchmark and column in BENCHMARK_COLUMN_DOCS.get(benchmark, {}):
         return BENCHMARK_COLUMN_DOCS[benchmark][column]
     field = (fields or {}).get(column)
     if field is not None and getattr(field, "help", ""):
         return str(field.help)
     return COLUMN_DOCS.get(column)
+
+
+_SPREAD_DOCS = {
+    "vs_baseline": "metrics whose 95% interval over seeds separates from the baseline row's (same hardware and "
+                   "preset), with the direction (`adherence lower`); `no measurable difference` where every interval "
+                   "overlaps the baseline's; empty where a row or its baseline has no intervals",
+    "busy": "the repeated runs spread by more than 25% of their median (or a block's p90 exceeded 3x its p50): "
+            "something else ran on the machine, so the speed figures of this row say little",
+}
 
 
 def _benchmark(records: list[dict[str, Any]]) -> Any:
@@ -667,6 +691,10 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
         note = "(orange: the spec's baseline; dashed line at its value)" if base is not None else ""
         if note:
             head += (" " if len(head.split("\n")[-1]) + len(note) < chars else "\n") + note
+        if any(_num(r["metrics"].get(f"{metric}_ci95")) for r in grecs):
+            head += "\nerror bars: 95% confidence intervals over seeds"
+        elif any(_num(r["metrics"].get(f"{metric}_min")) for r in grecs):
+            head += "\nwhiskers: fastest and slowest of the repeated runs (bars: their median)"
         heads.append((head + (f"\nall rows: {sub}" if sub else ""), base))
     # a row: its heading, the panel titles and x labels, and at least four bars' height
     heights = [_BAR_ROW_FIXED_IN + _TITLE_LINE_IN * _wrapped_lines(h, width) + _BAR_IN * max(len(g), 4)
@@ -681,11 +709,27 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
         axes = sf.subplots(1, len(metrics), squeeze=False)[0]
         for j, (ax, m) in enumerate(zip(axes, metrics)):
             vals = [float(r["metrics"][m]) if _num(r["metrics"].get(m)) else float("nan") for r, _ in bars_of]
+            # 95% intervals over seeds (quality) as error bars, where recorded; else the min-max
+            # range of repeated runs (speed)
+            errs = [float(r["metrics"][f"{m}_ci95"]) if _num(r["metrics"].get(f"{m}_ci95")) else 0.0 for r, _ in bars_of]
+            spans = [(v - float(r["metrics"][f"{m}_min"]), float(r["metrics"][f"{m}_max"]) - v)
+                     if _num(r["metrics"].get(f"{m}_min")) and _num(r["metrics"].get(f"{m}_max")) else (e, e)
+                     for (r, _), v, e in zip(bars_of, vals, errs)]
+            xerr = [[lo for lo, _ in spans], [hi for _, hi in spans]] if any(lo or hi for lo, hi in spans) else None
             colors = ["tab:orange" if r is base else ("tab:blue" if j == 0 else "tab:cyan") for r, _ in bars_of]
-            bars = ax.barh(ys, vals, height=0.7, color=colors)
-            ax.bar_label(bars, labels=[fmt_num(v) for v in vals], padding=3, fontsize=8)
+            ax.barh(ys, vals, height=0.7, color=colors, zorder=2,
+                    xerr=xerr, error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
+            # Value labels past the bar (and its error bar) on a white box above the baseline line,
+            # so the line never runs through a number.
+            for y, v, e, (lo, hi) in zip(ys, vals, errs, spans):
+                if math.isfinite(v):
+                    ax.annotate(fmt_num(v) + (f" ± {fmt_num(e)}" if e else ""), (v + hi if v >= 0 else v - lo, y),
+                                xytext=(4 if v >= 0 else -4, 0), textcoords="offset points", va="center",
+                                ha="left" if v >= 0 else "right", fontsize=8, zorder=4,
+                                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})
             if base is not None and _num(base["metrics"].get(m)):
-                ax.axvline(float(base["metrics"][m]), color="tab:orange", ls="--", lw=1.2)
+                bv = float(base["metrics"][m])
+                ax.axvline(bv, color="tab:orange", ls="--", lw=1.2, zorder=1)
             ax.set_yticks(ys)
             ax.set_yticklabels([lab + (" (baseline)" if r is base else "") for r, lab in bars_of] if j == 0 else [],
                                fontsize=9)
@@ -694,7 +738,9 @@ def bar_plot(records: list[dict[str, Any]], metric: str, title: str, path: Path,
                     tick.set_color("tab:orange")
             ax.set_ylim(len(bars_of) - 0.5, -0.5)   # best on top
             ax.set_xlabel(axis_label(m), fontsize=9)
-            ax.margins(x=0.16)
+            ax.margins(x=0.24 if xerr else 0.16)
+            if all(v >= 0 for v in vals if math.isfinite(v)):
+                ax.set_xlim(left=0)   # an error bar below zero is cut, not an axis of negative values
             ax.grid(axis="x", alpha=0.3)
             if pair:   # the figure title names the first metric; two panels each say what they show
                 ax.set_title(PLOT_TITLES.get(m, m), fontsize=10, loc="left")
@@ -820,7 +866,8 @@ def scatter_plot(records: list[dict[str, Any]], x_metric: str, y_metrics: list[s
 _QUALITY_VIEW = ("q_adherence", "q_fd", "q_psnr_vs_ref", "q_psnr_vs_teacher")
 
 
-def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: Any, plots_dir: Path) -> list[Path]:
+def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: Any, plots_dir: Path,
+                       suffix: str = "") -> list[Path]:
     """The views beyond the bar chart: speed vs peak memory where records have both, and speed vs
     quality where a spec measures both."""
     order = list(getattr(bench, "variant_fields", {}) or [])
@@ -831,14 +878,14 @@ def extra_report_plots(experiment: str, records: list[dict[str, Any]], bench: An
         # x = memory, one panel per speed metric: which paths are fast AND small
         p = scatter_plot([r for r in records if _num(r["metrics"].get("peak_mem_gb"))], "peak_mem_gb",
                          speed, f"{experiment}: speed vs peak GPU memory (up and to the left is better)",
-                         plots_dir / f"{experiment}_speed_vs_memory.png", order=order, baseline=baseline)
+                         plots_dir / f"{experiment}_speed_vs_memory{suffix}.png", order=order, baseline=baseline)
         if p is not None:
             out.append(p)
     quality = [m for m in _QUALITY_VIEW if any(_num(r["metrics"].get(m)) for r in records)][:3]
     qspeed = next((m for m in ("dit_fps", "e2e_fps") if any(_num(r["metrics"].get(m)) for r in records)), None)
     if quality and qspeed:
         p = scatter_plot(records, qspeed, quality, f"{experiment}: quality vs speed",
-                         plots_dir / f"{experiment}_speed_vs_quality.png", order=order, baseline=baseline)
+                         plots_dir / f"{experiment}_speed_vs_quality{suffix}.png", order=order, baseline=baseline)
         if p is not None:
             out.append(p)
     return out
@@ -849,6 +896,62 @@ def save_figure(fig, path: Path) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=PLOT_DPI)
     return path
+
+
+# ---------------------------------------------------------------- device classes and intervals
+
+def device_parts(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The records split into GPU and CPU ones (GPU first, empty parts left out): a CPU smoke run's
+    speed is never set beside a GPU's in one table or figure."""
+    gpu = [r for r in records if r["hardware"].get("device") == "cuda"]
+    cpu = [r for r in records if r["hardware"].get("device") != "cuda"]
+    return [(kind, part) for kind, part in (("GPU", gpu), ("CPU", cpu)) if part]
+
+
+def interval_columns(records: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    """``<metric>_ci95`` of the table metrics that some record has (quality: over seeds)."""
+    return [f"{m}_ci95" for m in metrics if any(_num(r["metrics"].get(f"{m}_ci95")) for r in records)]
+
+
+def _verdict(record: dict[str, Any], base: dict[str, Any] | None, metrics: list[str]) -> str | None:
+    if base is None:
+        return None
+    if record is base:
+        return "baseline"
+    pairs = [(m, record["metrics"].get(m), record["metrics"].get(f"{m}_ci95"), base["metrics"].get(m),
+              base["metrics"].get(f"{m}_ci95")) for m in metrics]
+    pairs = [p for p in pairs if all(_num(x) for x in p[1:])]
+    if not pairs:
+        return None
+    real = [f"{m.removeprefix('q_')} {'higher' if a > b else 'lower'}" for m, a, ha, b, hb in pairs
+            if intervals_separate(float(a), float(ha), float(b), float(hb))]
+    return ", ".join(real) if real else "no measurable difference"
+
+
+def with_verdicts(records: list[dict[str, Any]], metrics: list[str], bench: Any = None) -> list[dict[str, Any]]:
+    """The records with ``vs_baseline`` added to their metrics where intervals are recorded: the
+    metrics whose 95% interval separates from the baseline's (same hardware and preset), or
+    "no measurable difference"."""
+    if not interval_columns(records, metrics):
+        return records
+    baseline = spec_baseline(records, bench)
+    out = []
+    for _, group in facet_groups(records):
+        base = _baseline_record(group, baseline)
+        out += [{**r, "metrics": {**r["metrics"], "vs_baseline": _verdict(r, base, metrics)}} for r in group]
+    return out
+
+
+def interval_markdown(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``mean ± ci95`` cells in place of each metric and its ``_ci95`` column (Markdown tables)."""
+    out = df.copy()
+    for m in metrics:
+        ci = f"{m}_ci95"
+        if ci in out.columns and m in out.columns:
+            out[m] = [(fmt_num(v) + (f" ± {fmt_num(h)}" if _num(h) else "")) if _num(v) else ""
+                      for v, h in zip(out[m], out[ci])]
+            out = out.drop(columns=[ci])
+    return out
 
 
 # ---------------------------------------------------------------- the report
@@ -879,22 +982,35 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         recs = by_exp[exp]
         bench = _benchmark(recs)
         metrics, plot_metric, description, extra_plots = _benchmark_columns(recs)
-        df = experiment_frame(recs, metrics)
+        recs = with_verdicts(recs, metrics, bench)
+        columns = metrics + interval_columns(recs, metrics)
+        if any(r["metrics"].get("vs_baseline") for r in recs):
+            columns.append("vs_baseline")
+        df = experiment_frame(recs, columns)
         md = [f"# {exp}", ""]
         if description:
             md += [description, ""]
-        md += [to_markdown(df), legend_markdown(list(df.columns), bench)]
+        parts = device_parts(recs)
+        for kind, part in parts:   # CPU rows never share a table with GPU rows
+            if len(parts) > 1:
+                md += [f"## {kind} records" + (" (a CPU smoke run: not comparable with the GPU rows)"
+                                               if kind == "CPU" else ""), ""]
+            md += [to_markdown(interval_markdown(experiment_frame(part, columns), metrics))]
+        md += [legend_markdown(list(interval_markdown(df, metrics).columns), bench)]
         out.append(write_text(root / "tables" / f"{exp}.md", "\n".join(md)))
         csv_path = root / "tables" / f"{exp}.csv"
         out.append(write_text(csv_path, df.to_csv(index=False)))
         plots: list[Path] = []
-        if plot_metric and (bench is None or bench.extra.get("bar_plot", True)):   # or its own figure
-            order = list(getattr(bench, "variant_fields", {}) or [])
-            png = bar_plot(recs, plot_metric, plot_title(exp, plot_metric), root / "plots" / f"{exp}.png",
-                           order=order, companion=_COMPANIONS.get(plot_metric), baseline=spec_baseline(recs, bench))
-            plots += [png] if png is not None else []
-        plots += extra_report_plots(exp, recs, bench, root / "plots")
-        if extra_plots is not None:   # benchmark-specific figures (e.g. drift curves)
+        for kind, part in parts:   # one figure per device class: CPU speed never beside GPU speed
+            suffix = "_cpu" if kind == "CPU" and len(parts) > 1 else ""
+            if plot_metric and (bench is None or bench.extra.get("bar_plot", True)):   # or its own figure
+                order = list(getattr(bench, "variant_fields", {}) or [])
+                png = bar_plot(part, plot_metric, plot_title(exp, plot_metric) + (", CPU" if suffix else ""),
+                               root / "plots" / f"{exp}{suffix}.png", order=order,
+                               companion=_COMPANIONS.get(plot_metric), baseline=spec_baseline(part, bench))
+                plots += [png] if png is not None else []
+            plots += extra_report_plots(exp, part, bench, root / "plots", suffix=suffix)
+        if extra_plots is not None:   # benchmark-specific figures (e.g. drift curves, one per hardware)
             plots += extra_plots(recs, root / "plots")
         out += plots
         hws = ", ".join(dict.fromkeys(df["hardware"]))

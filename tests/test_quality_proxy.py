@@ -135,7 +135,7 @@ def test_switch_metrics_tell_a_hard_cut_from_a_continuous_video(detector):
 
 TINY = dict(vae_steps=2, vae_batch=1, detector_steps=4, detector_clips=8, train_clips=2, clip_blocks=2,
             ar_steps=2, ar_batch=1, distill_iters=1, lora_rank=2, videos=1, eval_blocks=2, eval_shots=1,
-            real_videos=2, reference_steps=4)
+            real_videos=2, reference_steps=4, seeds=1)
 
 
 def _spec(tmp_path, sweep):
@@ -172,6 +172,35 @@ def test_quality_benchmark_runs_every_kind_of_variant(tmp_path):
     assert any(p.name.endswith("_drift_cpu.png") for p in build_report(tmp_path / "r"))
 
 
+def test_quality_rows_average_seeds_with_intervals(tmp_path):
+    spec = _spec(tmp_path, [{"model": ["teacher"], "kv_cache": ["bf16", "nvfp4"]}])
+    run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False, measure={"seeds": "2"})
+    recs = load_records(tmp_path / "r")
+    # two seeds: two proxies trained (their own VAE, detector, teacher), one row each variant
+    assert len(list((tmp_path / "cache" / "tiny").glob("vae-*"))) == 2 and len(recs) == 2
+    for r in recs:
+        m = r["metrics"]
+        assert m["seeds_used"] == 2 and m["q_adherence_ci95"] >= 0 and m["q_fd_ci95"] >= 0
+        assert "series_adherence_b00" in m and "series_adherence_b00_ci95" not in m
+    from repro.report import build_report
+    build_report(tmp_path / "r")
+    table = (tmp_path / "r" / "tables" / "quality_test.md").read_text()
+    assert " ± " in table and "| baseline |" in table and "`vs_baseline`" in table
+    assert "q_adherence_ci95" in (tmp_path / "r" / "tables" / "quality_test.csv").read_text()
+
+
+def test_combine_seeds_means_intervals_and_strings():
+    from repro.benchmarks.quality import combine_seeds
+    out = combine_seeds([{"q_adherence": 0.2, "series_x_b00": 1.0, "train_device_vae": "cpu", "q_kid": None,
+                          "vae_last_loss": 0.3, "train_s_vae": 10.0},
+                         {"q_adherence": 0.4, "series_x_b00": 3.0, "train_device_vae": "cpu", "q_kid": 0.5,
+                          "vae_last_loss": 0.5, "train_s_vae": 12.0}])
+    assert out["vae_last_loss_ci95"] > 0 and out["train_s_vae"] == 11.0 and "train_s_vae_ci95" not in out
+    assert out["q_adherence"] == pytest.approx(0.3) and out["q_adherence_ci95"] == pytest.approx(12.706 * 0.1)
+    assert out["series_x_b00"] == 2.0 and "series_x_b00_ci95" not in out and out["train_device_vae"] == "cpu"
+    assert out["q_kid"] == 0.5 and out["q_kid_ci95"] is None and out["seeds_used"] == 2
+
+
 def test_quality_variant_errors(tmp_path):
     with pytest.raises(SpecError, match="do not apply"):
         run_spec(_spec(tmp_path, [{"model": ["real"], "kv_cache": ["nvfp4"]}]), results_dir=tmp_path / "r",
@@ -195,3 +224,13 @@ def test_proxy_training_cli(tmp_path, capsys):
     assert "not 'quality'" in capsys.readouterr().err
     assert main(args + ["--measure", "ar_steps=0"]) == 2
     assert "ar_steps" in capsys.readouterr().err
+
+
+def test_portable_cpu_kernels_turn_onednn_off_on_cpu_only():
+    from repro.quality.proxy import portable_cpu_kernels
+    before = torch.backends.mkldnn.enabled
+    with portable_cpu_kernels("cpu"):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == before
+    with portable_cpu_kernels("cuda"):
+        assert torch.backends.mkldnn.enabled == before

@@ -15,16 +15,20 @@ CPU = {"device": "cpu"}
 def test_inference_speed_quantized_modes_run_and_report_memory():
     variant = {"preset": "tiny", "precision": "nvfp4_weight_only", "steps": 2, "kv_cache": "nvfp4",
                "vae_mode": "device", "compile": False, "guidance_scale": 1.0}
-    m = run_inference_speed(variant, {"warmup_blocks": 1, "blocks": 2, "decode": True, "seed": 0}, CPU)
+    m = run_inference_speed(variant, {"warmup_blocks": 1, "blocks": 2, "decode": True, "seed": 0, "repeats": 3}, CPU)
     assert m["dit_fps"] > 0 and m["e2e_fps"] > 0 and m["measured_blocks"] == 2
     assert m["linear_mode"] == "nvfp4_weight_only"
+    # the median of three timed videos, with their spread and a busy flag read from it
+    assert m["repeats_used"] == 3 and m["dit_fps_min"] <= m["dit_fps"] <= m["dit_fps_max"]
+    assert m["e2e_fps_min"] <= m["e2e_fps"] <= m["e2e_fps_max"] and isinstance(m["busy"], bool)
+    assert m["busy"] == bool(m["busy_metrics"])
     bf16 = run_inference_speed({**variant, "precision": "bf16", "kv_cache": "bf16", "vae_mode": "sync"},
-                               {"warmup_blocks": 1, "blocks": 1, "decode": False, "seed": 0}, CPU)
+                               {"warmup_blocks": 1, "blocks": 1, "decode": False, "seed": 0, "repeats": 1}, CPU)
     assert m["block_linear_weight_gb"] < bf16["block_linear_weight_gb"] / 3
     assert m["kv_mem_gb"] < bf16["kv_mem_gb"] / 3 and m["kv_workspace_gb"] > 0 == bf16["kv_workspace_gb"]
     with pytest.raises(ValueError, match="stream"):
         run_inference_speed({**variant, "vae_mode": "stream"}, {"warmup_blocks": 1, "blocks": 1,
-                                                                "decode": True, "seed": 0}, CPU)
+                                                                "decode": True, "seed": 0, "repeats": 1}, CPU)
 
 
 def test_quant_linear_and_kernel_benchmarks():

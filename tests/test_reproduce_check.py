@@ -49,3 +49,49 @@ def test_records_made_with_other_cpu_numerics_are_named(tmp_path):
     _write(fresh, "a", {"q_adherence": 0.5})
     (problem,) = compare(fresh, committed)
     assert "CPU numerics settings differ" in problem and "avx2" in problem
+
+
+def test_metrics_with_intervals_agree_when_the_intervals_overlap(tmp_path, capsys):
+    fresh, committed = tmp_path / "fresh", tmp_path / "committed"
+    _write(committed, "a", {"q_adherence": 0.30, "q_adherence_ci95": 0.05, "vae_last_loss": 0.30,
+                            "vae_last_loss_ci95": 0.04, "series_adherence_b00": 0.1})
+    # another CPU trains elsewhere: 0.38 vs 0.30 is outside the fixed tolerance, inside the intervals
+    _write(fresh, "a", {"q_adherence": 0.38, "q_adherence_ci95": 0.04, "vae_last_loss": 0.39,
+                        "vae_last_loss_ci95": 0.06, "series_adherence_b00": 0.9})
+    assert not within("q_adherence", 0.38, 0.30, 3.0) and compare(fresh, committed) == []
+    assert main(["--fresh", str(fresh), "--committed", str(committed)]) == 0
+    out = capsys.readouterr().out
+    assert "interval: 2 metric(s)" in out and "overlap" in out and "skipped: 3 metric(s)" in out
+    _write(fresh, "a", {"q_adherence": 0.50, "q_adherence_ci95": 0.04, "vae_last_loss": 0.31,
+                        "vae_last_loss_ci95": 0.06, "series_adherence_b00": 0.9})
+    (problem,) = compare(fresh, committed)
+    assert "q_adherence" in problem and "intervals separate" in problem
+
+
+def test_busy_speed_records_are_not_compared(tmp_path):
+    fresh, committed = tmp_path / "fresh", tmp_path / "committed"
+    _write(committed, "a", {"dit_fps": 26.0, "busy": True}, experiment="inference_speed")
+    _write(fresh, "a", {"dit_fps": 1079.0, "busy": False}, experiment="inference_speed")
+    assert compare(fresh, committed) == []
+    _write(committed, "a", {"dit_fps": 26.0, "busy": False}, experiment="inference_speed")
+    (problem,) = compare(fresh, committed)
+    assert "dit_fps" in problem and "speed tolerance" in problem
+
+
+def test_folders_without_records_or_of_another_preset_exit_2(tmp_path, capsys):
+    fresh, committed = tmp_path / "fresh", tmp_path / "committed"
+    _write(committed, "a", {"q_adherence": 0.5})
+    fresh.mkdir()
+    assert main(["--fresh", str(fresh), "--committed", str(committed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --fresh") and "no cpu records of inference_speed, quality" in err[0]
+    assert main(["--fresh", str(tmp_path / "missing"), "--committed", str(committed)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    for folder, preset in ((committed, "tiny"), (fresh, "small")):
+        path = folder / "quality" / "cpu" / "a.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"experiment": "quality", "variant_slug": "a", "variant": {"preset": preset},
+                                    "hardware": HW, "metrics": {"q_adherence": 0.5}}))
+    assert main(["--fresh", str(fresh), "--committed", str(committed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "preset small, expected preset tiny" in err[0]

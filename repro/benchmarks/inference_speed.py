@@ -8,6 +8,12 @@ one-time costs; the rest are measured:
   frame delivered (VAE decode, host copies and the final drain of async decodes included);
 - ``roofline_fraction``: dit_fps over the roofline FPS at GEMM/attention rates measured in
   the same run at this preset's shapes (:mod:`repro.roofline`).
+
+The video is generated ``repeats`` times (each with its own warm-up blocks) on one pipeline; every
+speed figure is the median over the repeats, with ``<figure>_min`` / ``<figure>_max`` beside
+the FPS and block times. ``busy`` flags a run whose repeats spread by more than
+:data:`repro.stats.BUSY_SPREAD` of their median, or whose p90 block time exceeds 3x the p50:
+something else was running, and ``busy_metrics`` names the figures that showed it.
 The text encoder is not run: prompts are encoded once before streaming and never count
 toward FPS, so a fixed random embedding stands in for it.
 """
@@ -28,6 +34,7 @@ from impl.quant.apply import block_linear_bytes, resolve_mode
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field, vae_device_for
 from repro.roofline import measure_peak_rates, roofline_fps
+from repro.stats import is_busy, repeat_summary
 from repro.timing import percentile
 
 
@@ -43,32 +50,27 @@ def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardwa
     pipe = build_pipeline(cfg, device, Weights(text="embedding", seed=measure["seed"]), decode=measure["decode"])
     model = pipe.model
 
-    timings: list[BlockTiming] = []
-    n_blocks = measure["warmup_blocks"] + measure["blocks"]
-    pipe.generate(["a benchmark prompt"] * n_blocks, seed=measure["seed"], decode=measure["decode"],
-                  on_block=timings.append)
-    done = time.perf_counter()
-    warm, steady = timings[:measure["warmup_blocks"]], timings[measure["warmup_blocks"]:]
     frames = preset.vae.temporal_factor * preset.stream.frames_per_block  # per steady-state block
-    dit_ms = [t.dit_ms for t in steady]
-    total_ms = [t.total_ms for t in steady]
-    # End to end: from the moment the DiT loop finished the last warm-up block to the last
-    # frame delivered (async decodes of the last blocks drain inside generate, so they count;
-    # set-up before the first block, e.g. compiling the decoder, does not).
-    e2e_s = done - warm[-1].loop_end_s
+    runs = [_timed_run(pipe, measure, frames) for _ in range(measure["repeats"])]
     gemm_kind = "fp8" if cfg.precision == "fp8" else "dense"
     gemm_tflops, attn_tflops = measure_peak_rates(preset, device, model.dtype, gemm=gemm_kind)
     roof = roofline_fps(preset, variant["steps"], gemm_tflops, attn_tflops, cfg=variant["guidance_scale"] > 1)
-    dit_fps = frames * len(steady) / (sum(dit_ms) / 1e3)
     cache = pipe.cache_for(1)
-    metrics = {
-        "dit_fps": dit_fps,
-        "e2e_fps": frames * len(steady) / e2e_s,
-        "block_ms_p50": statistics.median(total_ms),
-        "block_ms_p90": percentile(total_ms, 0.9),
-        "dit_block_ms_p50": statistics.median(dit_ms),
-        "dit_block_ms_p90": percentile(dit_ms, 0.9),
-        "vae_block_ms_p50": statistics.median(t.vae_ms for t in steady),
+    metrics: dict[str, Any] = {}
+    for name in runs[0]:
+        values = [r[name] for r in runs]
+        spread = repeat_summary(values)
+        metrics[name] = spread["median"]
+        if name in _SPREAD_FIGURES:
+            metrics[f"{name}_min"], metrics[f"{name}_max"] = spread["min"], spread["max"]
+    dit_fps = metrics["dit_fps"]
+    busy = [n for n in ("dit_fps", "e2e_fps", "block_ms_p50") if is_busy([r[n] for r in runs])]
+    busy += [f"{n}_p90" for n in ("block_ms", "dit_block_ms")
+             if any(r[f"{n}_p90"] > 3 * r[f"{n}_p50"] for r in runs)]
+    metrics.update({
+        "repeats_used": len(runs),
+        "busy": bool(busy),
+        "busy_metrics": ", ".join(busy),
         "roofline_fps": roof,
         "roofline_fraction": dit_fps / roof,
         "roofline_gemm": gemm_kind,
@@ -79,11 +81,40 @@ def run_inference_speed(variant: dict[str, Any], measure: dict[str, Any], hardwa
         "kv_mem_gb": cache.memory_bytes() / 1e9,
         "kv_workspace_gb": cache.workspace_bytes() / 1e9,
         "frames_per_block": frames,
-        "measured_blocks": len(steady),
+        "measured_blocks": measure["blocks"],
         "linear_mode": resolve_mode(cfg.precision, device),
-    }
+    })
     del pipe, model, cache
     return finish_gpu_run(metrics, device)
+
+
+# Figures recorded with their spread over the repeats (``_min`` / ``_max``).
+_SPREAD_FIGURES = ("dit_fps", "e2e_fps", "block_ms_p50", "dit_block_ms_p50")
+
+
+def _timed_run(pipe, measure: dict[str, Any], frames: int) -> dict[str, float]:
+    """One video of ``warmup_blocks + blocks`` blocks; the speed figures of its timed blocks."""
+    timings: list[BlockTiming] = []
+    n_blocks = measure["warmup_blocks"] + measure["blocks"]
+    pipe.generate(["a benchmark prompt"] * n_blocks, seed=measure["seed"], decode=measure["decode"],
+                  on_block=timings.append)
+    done = time.perf_counter()
+    warm, steady = timings[:measure["warmup_blocks"]], timings[measure["warmup_blocks"]:]
+    dit_ms = [t.dit_ms for t in steady]
+    total_ms = [t.total_ms for t in steady]
+    # End to end: from the moment the DiT loop finished the last warm-up block to the last
+    # frame delivered (async decodes of the last blocks drain inside generate, so they count;
+    # set-up before the first block, e.g. compiling the decoder, does not).
+    e2e_s = done - warm[-1].loop_end_s
+    return {
+        "dit_fps": frames * len(steady) / (sum(dit_ms) / 1e3),
+        "e2e_fps": frames * len(steady) / e2e_s,
+        "block_ms_p50": statistics.median(total_ms),
+        "block_ms_p90": percentile(total_ms, 0.9),
+        "dit_block_ms_p50": statistics.median(dit_ms),
+        "dit_block_ms_p90": percentile(dit_ms, 0.9),
+        "vae_block_ms_p50": statistics.median(t.vae_ms for t in steady),
+    }
 
 
 INFERENCE_SPEED = register(Benchmark(
@@ -111,9 +142,12 @@ INFERENCE_SPEED = register(Benchmark(
         "blocks": FieldSpec(int, 8, min=1, help="timed blocks"),
         "decode": FieldSpec(bool, True, help="decode each block with the streaming VAE"),
         "seed": FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding"),
+        "repeats": FieldSpec(int, 3, min=1, help="videos generated and timed (each with its warm-up); figures "
+                             "are medians over them, with _min/_max and a busy flag from their spread"),
     },
     run=run_inference_speed,
-    table_metrics=["dit_fps", "e2e_fps", "roofline_fps", "roofline_fraction", "block_ms_p50", "block_ms_p90",
+    table_metrics=["dit_fps", "dit_fps_min", "dit_fps_max", "e2e_fps", "e2e_fps_min", "e2e_fps_max", "busy",
+                   "roofline_fps", "roofline_fraction", "block_ms_p50", "block_ms_p90",
                    "vae_block_ms_p50", "peak_mem_gb", "weight_mem_gb", "block_linear_weight_gb", "kv_mem_gb"],
     primary_metric="e2e_fps",
     plot="e2e_fps",

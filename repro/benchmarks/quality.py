@@ -17,6 +17,12 @@ NVFP4, DMD LoRA students) and scores every variant with weight-free metrics
 PSNR/SSIM compare each variant with the reference variant (the BF16 teacher at
 ``reference_steps`` steps, BF16 KV, sink on) from the same noise. Per-block curves are stored
 as ``series_<name>_b<block>`` metrics and drawn by the report as drift plots.
+
+Every row is the mean over ``seeds`` independent seeds (``seed``, ``seed + 1``, ...): each seed
+trains its own proxy (VAE, detector, teachers, students, light decoders) and draws its own
+evaluation prompts and noise. Each quality metric ``q_*`` comes with ``q_*_ci95``, the half-width
+of the Student-t 95% confidence interval of that mean (:func:`repro.stats.mean_ci95`); the report
+calls a difference from the baseline real only where the two intervals separate.
 """
 
 from __future__ import annotations
@@ -51,13 +57,16 @@ _EVAL_FIELDS = {
     "eval_shots": FieldSpec(int, 2, min=1, help="shots per evaluation video"),
     "real_videos": FieldSpec(int, 8, min=2, help="real procedural videos of the feature reference set"),
     "reference_steps": FieldSpec(int, 8, min=1, help="teacher steps of the reference variant (PSNR/SSIM)"),
+    "seeds": FieldSpec(int, 3, min=1, help="independent seeds averaged per row (seed, seed + 1, ...): each trains "
+                       "its own proxy and draws its own evaluation prompts and noise; q_*_ci95 needs >= 2"),
     "cache_dir": FieldSpec(str, ".cache/quality", help="where trained proxy pieces are cached"),
     "shared_device": FieldSpec(bool, False, help="other runs share the device (concurrent --only groups): "
                                "the DiT speed is stored as dit_fps_shared_gpu, not as a speed figure"),
 }
 
 
-@functools.lru_cache(maxsize=4)
+# Caches hold one entry per seed (and per evaluation setting): a few tiny models each.
+@functools.lru_cache(maxsize=16)
 def _system(preset: str, items: tuple, device: str):
     from repro.quality.proxy import ProxyConfig, ProxySystem
     measure = dict(items)
@@ -65,17 +74,18 @@ def _system(preset: str, items: tuple, device: str):
 
 
 def system_for(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]):
+    """The proxy system of ``measure["seed"]`` (trained once per process, cached on disk)."""
     keys = sorted(set(_PROXY_FIELDS) | {"cache_dir"})
     return _system(variant["preset"], tuple((k, measure[k]) for k in keys), hardware["device"])
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _evalset(system, videos: int, blocks: int, shots: int, seed: int):
     from repro.quality.evaluate import make_eval_set
     return make_eval_set(system.source(blocks=blocks, length=videos, seed=seed + 51, shots=shots))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _real_features(system, videos: int, blocks: int, shots: int, seed: int) -> torch.Tensor:
     from repro.quality.evaluate import block_frame_ranges, real_block_features
     src = system.source(blocks=blocks, length=videos, seed=seed + 61, shots=shots)
@@ -107,7 +117,7 @@ def _is_reference(variant: dict[str, Any], measure: dict[str, Any]) -> bool:
     return all(variant[k] == v for k, v in _REFERENCE.items()) and variant["steps"] == measure["reference_steps"]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _reference_videos(system, es_args: tuple, steps: int, device: str):
     from repro.quality.evaluate import generate_videos
     evalset = _evalset(system, *es_args)
@@ -115,6 +125,39 @@ def _reference_videos(system, es_args: tuple, steps: int, device: str):
 
 
 def run_quality(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    """The variant's metrics for each of ``measure["seeds"]`` seeds, then their mean (and CI).
+    On CPU without oneDNN (:func:`repro.quality.proxy.portable_cpu_kernels`): the same numbers
+    on another x86 CPU."""
+    from repro.quality.proxy import portable_cpu_kernels
+    with portable_cpu_kernels(hardware["device"]):
+        per_seed = [_run_seed(variant, {**measure, "seed": measure["seed"] + k}, hardware)
+                    for k in range(measure["seeds"])]
+    return combine_seeds(per_seed)
+
+
+def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record's metrics from per-seed ones: the mean of every number over the seeds that have
+    it (``train_s_*``: per seed), ``<metric>_ci95`` for the quality metrics, the training losses
+    and the detector's accuracies (not for per-block curves, times and speeds), strings from the
+    first seed (the same in all: devices, modes)."""
+    from repro.stats import mean_ci95
+    out: dict[str, Any] = {}
+    names = list(dict.fromkeys(k for m in per_seed for k in m))
+    for name in names:
+        values = [m.get(name) for m in per_seed]
+        nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not nums:
+            out[name] = next((v for v in values if v is not None), None)
+            continue
+        mean, half = mean_ci95(nums)
+        out[name] = mean if math.isfinite(mean) else None
+        if not name.startswith(("series_", "train_s_")) and "fps" not in name:
+            out[f"{name}_ci95"] = half
+    out["seeds_used"] = len(per_seed)
+    return out
+
+
+def _run_seed(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     from repro.quality.evaluate import generate_videos, score_videos
     device = torch.device(hardware["device"])
     system = system_for(variant, measure, hardware)
@@ -177,53 +220,88 @@ def drift_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     return out
 
 
+def _drift_rows(records: list[dict[str, Any]], base: dict[str, Any] | None, order: list[str],
+                per_row: int = 5) -> list[list[dict[str, Any]]]:
+    """The variants other than the baseline, grouped by the keys in which they differ from it
+    (steps, decoder, switch, ...) and packed into rows of at most ``per_row`` lines."""
+    def differs(r):
+        return tuple(k for k in order if base is None or r["variant"].get(k) != base["variant"].get(k))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r is not base:
+            groups.setdefault(differs(r), []).append(r)
+    rows: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    for key in sorted(groups, key=lambda k: (len(k), k)):
+        group = groups[key]
+        if current and len(current) + len(group) > per_row:
+            rows.append(current)
+            current = []
+        while len(group) > per_row:
+            rows.append(group[:per_row])
+            group = group[per_row:]
+        current += group
+    return rows + ([current] if current else [])
+
+
 def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
-    """Three panels of per-block curves, one line per variant; labels name only the variant keys
-    that differ between the records (``repro.report.short_labels``), so 16+ variants still fit
-    a legend of three columns under the panels."""
-    import matplotlib
+    """Per-block curves in rows of at most five variants, each row against the baseline (black):
+    three panels (adherence, flicker, PSNR vs the reference) and a legend per row. Colours,
+    dash patterns and markers differ inside a row, so every line can be told apart."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repro.report import common_label, hardware_label, save_figure, short_labels
+    from repro.report import _baseline_record, common_label, hardware_label, save_figure, short_labels, spec_baseline
     panels = [("adherence", "prompt adherence per block (higher is better)"),
               ("flicker", "temporal flickering score (1 = static)"),
               ("psnr_vs_ref", "PSNR vs the BF16 reference (dB)")]
     order = list(QUALITY.variant_fields)
-    labels = short_labels(records, order)
-    # One colour (and marker) per variant, the same in every panel (a panel skips variants without
-    # a curve, e.g. the reference has no PSNR against itself, so the default cycle would shift).
-    cmap = matplotlib.colormaps["tab20"]
-    markers = "osD^v<>pPX*h"
-    styles = [(cmap((2 * k) % 20 + (k // 10) % 2), markers[k % len(markers)]) for k in range(len(records))]
-    ncol = 3 if len(records) > 8 else 2
-    legend_in = 0.24 * math.ceil(len(records) / ncol) + 0.3
-    fig = Figure(figsize=(15, 4.6 + legend_in))
+    label_of = {id(r): lab for r, lab in zip(records, short_labels(records, order))}
+    base = _baseline_record(records, spec_baseline(records, QUALITY))
+    rows = _drift_rows(records, base, order) or [[]]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    dashes = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
+    markers = "osD^v"
+    row_h = 2.9
+    fig = Figure(figsize=(16, row_h * len(rows) + 0.7))
     FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(len(rows), len(panels) + 1, width_ratios=[1] * len(panels) + [0.85])
     drew = False
-    for k, (name, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        prefix = f"series_{name}_b"
-        for rec, label, (color, marker) in zip(records, labels, styles):
-            pts = sorted((int(key[len(prefix):]), v) for key, v in rec["metrics"].items()
-                         if key.startswith(prefix) and isinstance(v, (int, float)))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=4, lw=1.3, color=color,
-                        label=label)
-                drew = True
-        ax.set_xlabel("AR block (time)", fontsize=10)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
+    for i, row in enumerate(rows):
+        lines = ([(base, "black", "-", None, 2.2)] if base is not None else []) + \
+                [(r, colors[k % 5], dashes[k % 5], markers[k % 5], 1.4) for k, r in enumerate(row)]
+        for j, (name, title) in enumerate(panels):
+            ax = fig.add_subplot(grid[i, j])
+            prefix = f"series_{name}_b"
+            for rec, color, dash, marker, width in lines:
+                pts = sorted((int(key[len(prefix):]), v) for key, v in rec["metrics"].items()
+                             if key.startswith(prefix) and isinstance(v, (int, float)))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=dash, marker=marker, ms=4,
+                            lw=width, zorder=3 if rec is base else 2)
+                    drew = True
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if i == len(rows) - 1:
+                ax.set_xlabel("AR block (time)", fontsize=9)
+        leg = fig.add_subplot(grid[i, -1])
+        leg.axis("off")
+        handles = [Line2D([], [], color=c, ls=d, marker=m, ms=5, lw=w,
+                          label=label_of[id(r)] + (" (baseline)" if r is base else ""))
+                   for r, c, d, m, w in lines]
+        leg.legend(handles=handles, loc="center left", fontsize=8, frameon=False)
     if not drew:
         return False
     presets = ", ".join(sorted({str(r["variant"].get("preset")) for r in records}))
     common = common_label(records, order)
+    seeds = sorted({r["metrics"].get("seeds_used") for r in records if r["metrics"].get("seeds_used")})
     fig.suptitle(f"{records[0]['experiment']}: drift over a rollout, {hardware_label(records[0]['hardware'])}, "
-                 f"preset {presets}" + (f" (all lines: {common})" if common else ""), fontsize=11)
-    handles = [Line2D([], [], color=c, marker=m, ms=5, label=lab) for (c, m), lab in zip(styles, labels)]
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, legend_in / (4.6 + legend_in), 1, 1))
+                 f"preset {presets}" + (f", mean of {seeds[-1]} seeds" if seeds else "") +
+                 (f" (all lines: {common})" if common else "") + "; each row: a few variants against the baseline",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (row_h * len(rows) + 0.7)))
     save_figure(fig, path)
     return True
 

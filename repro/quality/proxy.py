@@ -19,6 +19,7 @@ captions still map to distinct, deterministic embeddings the DiT learns to follo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,12 +33,12 @@ import torch
 from impl.config import ConfigError, Preset, _require, get_preset
 from impl.io import save_safetensors, write_json
 
-__all__ = ["ProxyConfig", "ProxySystem", "PROXY_PRESETS", "TRAIN_PRECISIONS"]
+__all__ = ["ProxyConfig", "ProxySystem", "PROXY_PRESETS", "TRAIN_PRECISIONS", "portable_cpu_kernels"]
 
 PROXY_PRESETS = ("tiny", "proxy")
 # Part of every cache key: bump it when a change to the training code or to a piece's
-# architecture makes cached pieces stale.
-ARTIFACT_VERSION = 1
+# architecture makes cached pieces stale. 2: CPU pieces train without oneDNN (portable_cpu_kernels).
+ARTIFACT_VERSION = 2
 TRAIN_PRECISIONS = ("bf16", "nvfp4_emulated")
 # The proxy's tiny decoder is distilled on the VAE's raw latents, and cached pieces were made so:
 # pinned here, apart from the library default (the published taew2_2 files' normalised latents).
@@ -102,6 +103,27 @@ class ProxyConfig:
         blob = json.dumps({"version": ARTIFACT_VERSION, "parent": parent, "preset": self.preset, "seed": self.seed,
                            **{f: getattr(self, f) for f in fields}}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def portable_cpu_kernels(device: torch.device | str):
+    """On CPU, train and score the proxy without oneDNN, so that another x86 CPU computes the same
+    numbers. oneDNN's gemm-based convolution backward-weights (the VAE's and the detector's) blocks
+    its sums by the CPU's cache sizes, so another CPU sums in another order; the proxy's training
+    amplifies that ulp into another model (as another seed would). Without it, convolutions run as
+    ATen im2col + MKL GEMM: ATen's kernels are pinned by ATEN_CPU_CAPABILITY and the thread count,
+    MKL's by MKL_CBWR=COMPATIBLE (the branch MKL honours on Intel and AMD alike; it ignores
+    MKL_CBWR=AVX2 on AMD, running CNR:AUTO there), both set by the Makefile's CPU_NUMERICS.
+    GPU devices run as they are."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    import warnings
+    with warnings.catch_warnings():
+        # flags() also re-sets oneDNN's TF32 switch, which warns that TF32 is for Intel GPUs
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def _embedder(text_encoder) -> Callable[[str], torch.Tensor]:
@@ -496,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, HarnessError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train_pieces(system, args.pieces)
+    with portable_cpu_kernels(device):
+        train_pieces(system, args.pieces)
     return 0
 
 
