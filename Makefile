@@ -12,7 +12,8 @@ RESULTS     ?= results
 # The main job's experiments: inference speed, and the quality proxy (3 seeds, trained here with
 # the tiny preset on a 2-core CPU; on a GPU the proxy preset trains for longer, see README).
 SPECS       ?= experiments/inference_speed.yaml experiments/quality.yaml
-# CPU numerics pinned for reproducible records (CPU-only machines; GPU machines run as they are):
+# CPU numerics pinned so that records can reproduce (CPU-only machines; GPU machines run as they
+# are; the quality proxy's full training does not yet repeat run to run, see README):
 # ATen's AVX2 kernels; MKL's COMPATIBLE branch, the one MKL honours on every x86 CPU (it ignores
 # MKL_CBWR=AVX2 on AMD and runs CNR:AUTO there: other GEMM code than on an Intel Xeon), without
 # dynamic thread counts; oneDNN capped at AVX2 (the quality proxy does not use it on CPU:

@@ -62,6 +62,9 @@ def train_vae(vae, source, cfg: VAETrainConfig, *, progress: bool = True,
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))  # short warm-up
     g = torch.Generator().manual_seed(cfg.seed)
+    # The posterior's noise from its own seeded generator: drawn from the global one, it depended
+    # on whatever the process had drawn before (a second run trained another VAE).
+    noise = torch.Generator(device=p.device).manual_seed(cfg.seed + 1)
     log: list[dict[str, float]] = []
     for step in tqdm(range(cfg.steps), desc="vae", disable=not progress):
         idx = torch.randint(len(source), (cfg.batch_size,), generator=g).tolist()
@@ -70,7 +73,7 @@ def train_vae(vae, source, cfg: VAETrainConfig, *, progress: bool = True,
         # small convolutions are otherwise slow to train.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=p.device.type == "cuda"):
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=None)).sample
+            recon = vae.decode(posterior.sample(generator=noise)).sample
         recon = recon.float()
         l1 = (recon - x).abs().mean()
         mse = (recon - x).pow(2).mean()

@@ -101,7 +101,8 @@ def _pipeline(system, variant: dict[str, Any], device: torch.device):
     from impl.inference.config import InferenceConfig
     cfg = InferenceConfig(preset=system.preset, steps=variant["steps"], guidance_scale=1.0, sink=variant["sink"],
                           dtype="bf16", precision=variant["precision"], kv_cache=variant["kv_cache"],
-                          decoder=variant["decoder"], attention=variant["attention"])
+                          decoder=variant["decoder"], attention=variant["attention"],
+                          bf16_attention_steps=variant["bf16_attention_steps"])
     lora = system.student_path(variant["steps"], variant["train_precision"]) if variant["model"] == "lora" else None
     weights = Weights(dit=system.teacher_state(variant["train_precision"]), lora=lora, vae=system.vae(),
                       decoder=None if variant["decoder"] == "wan" else system.decoder(variant["decoder"]),
@@ -110,7 +111,7 @@ def _pipeline(system, variant: dict[str, Any], device: torch.device):
 
 
 _REFERENCE = {"model": "teacher", "train_precision": "bf16", "precision": "bf16", "kv_cache": "bf16", "sink": True,
-              "decoder": "wan", "attention": "sdpa", "switch": "cut"}
+              "decoder": "wan", "attention": "sdpa", "bf16_attention_steps": "none", "switch": "cut"}
 
 
 def _is_reference(variant: dict[str, Any], measure: dict[str, Any]) -> bool:
@@ -323,6 +324,7 @@ QUALITY = register(Benchmark(
         "kv_cache": inference_field("kv_cache"),
         "decoder": inference_field("decoder", help="video decoder; light ones are distilled from the proxy VAE"),
         "attention": inference_field("attention"),
+        "bf16_attention_steps": inference_field("bf16_attention_steps"),
         "steps": FieldSpec(int, 8, choices=[1, 2, 3, 4, 8, 16]),
         "sink": FieldSpec(bool, True, help="attention sink (first block kept in the KV window)"),
         "switch": FieldSpec(str, "cut", choices=list(choices(SwitchMode)),
