@@ -527,8 +527,11 @@ _PRECISION_WORDS = {"bf16": "bf16", "fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_weigh
 _VALUE_WORDS: dict[str, dict[Any, str]] = {
     "precision": _PRECISION_WORDS,
     "mode": _PRECISION_WORDS,
-    "attention": {"sdpa": "SDPA", "fp8_triton": "fp8 attn (Triton)", "fp8_cudnn": "fp8 attn (cuDNN)",
-                  "fp8_emulated": "fp8 attn (emulated)"},
+    "attention": {"sdpa": "SDPA", "fa3": "FA3 BF16", "fa3_fp8": "FA3 FP8", "fp8_triton": "fp8 attn (Triton)",
+                  "fp8_cudnn": "fp8 attn (cuDNN)", "fp8_emulated": "fp8 attn (emulated)"},
+    "bf16_attention_steps": {"none": "one attention kernel every step", "last": "BF16 attn last step",
+                             "first": "BF16 attn first step"},
+    "frame_format": {"float32": "float32 frames", "uint8": "uint8 frames"},
     "train_precision": {"bf16": "bf16-trained", "nvfp4_emulated": "nvfp4-trained"},
     "model": {"real": "ground truth", "teacher": "teacher", "lora": "LoRA student"},
     "vae_mode": {"sync": "sync", "stream": "stream", "device": "other device"},
@@ -548,13 +551,13 @@ _BOOL_WORDS = {"compile": ("compiled", "eager"), "cuda_graphs": ("CUDA graphs", 
                "gradient_checkpointing": ("checkpointing", "no checkpointing")}
 # The usual setting of a key, left out of a label unless it is needed to tell rows apart, so a
 # label names what is special about a row ("nvfp4 KV", "no sink") rather than everything.
-_QUIET = {("kv_cache", "bf16"), ("sink", True), ("cuda_graphs", False), ("vae_channels_last", False),
+_QUIET = {("kv_cache", "bf16"), ("bf16_attention_steps", "none"), ("sink", True), ("cuda_graphs", False), ("vae_channels_last", False),
           ("vae_compile", False), ("channels_last", False), ("cudnn_benchmark", False),
           ("train_precision", "bf16"), ("gradient_checkpointing", True)}
 # Keys named first in a label (then the benchmark's field order), so related words stay together.
 _LABEL_ORDER = ("model", "distilled", "train_precision", "mode", "precision", "steps", "compile", "kv_cache",
                 "attention", "cuda_graphs", "sink")
-_VAE_KEYS = ("decoder", "vae_mode", "vae_channels_last", "vae_compile")
+_VAE_KEYS = ("decoder", "vae_mode", "vae_channels_last", "vae_compile", "frame_format")
 
 
 def _phrase(key: str, value: Any, explicit: bool = False) -> str:
