@@ -67,7 +67,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def fp8_emulated(q: torch.Tensor, k: KV, v: KV) -> torch.Tensor:
     """FP8 attention numerics in PyTorch: quantized Q, K, V and P, float32 elsewhere. K and V
     may arrive already quantized (:class:`FP8Heads`, from an FP8 KV cache)."""
-    q8, k8, v8 = (x if isinstance(x, FP8Heads) else FP8Heads.quantize(x) for x in (q, k, v))
+    q8, k8, v8 = (FP8Heads.of(x) for x in (q, k, v))
     sq, sk, sv = q8.scale, k8.scale, v8.scale
     s = (q8.codes.float() @ k8.codes.float().transpose(-1, -2)) / (sq * sk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
@@ -101,7 +101,7 @@ class FA3Attention:
         if not self.fp8:
             out = self._func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return out.transpose(1, 2)
-        q8, k8, v8 = (x if isinstance(x, FP8Heads) else FP8Heads.quantize(x) for x in (q, k, v))
+        q8, k8, v8 = (FP8Heads.of(x) for x in (q, k, v))
         out = self._func(q8.codes.transpose(1, 2), k8.codes.transpose(1, 2), v8.codes.transpose(1, 2),
                          softmax_scale=q.shape[-1] ** -0.5,
                          q_descale=q8.descale, k_descale=k8.descale, v_descale=v8.descale)

@@ -65,6 +65,11 @@ class FP8Heads:
         codes, scale = (_per_head_codes_gpu if x.is_cuda else _per_head_codes)(x.detach())
         return cls(codes, scale)
 
+    @classmethod
+    def of(cls, x: "torch.Tensor | FP8Heads") -> "FP8Heads":
+        """``x`` as it is if already FP8 (an FP8 KV cache's K/V), else :meth:`quantize`-d."""
+        return x if isinstance(x, FP8Heads) else cls.quantize(x)
+
     @property
     def descale(self) -> torch.Tensor:
         """1 / scale as [B, H] float32: FlashAttention-3's q/k/v_descale."""

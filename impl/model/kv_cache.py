@@ -62,7 +62,7 @@ import torch
 from impl import modes
 from impl.config import StreamConfig
 from impl.memory import tensor_bytes
-from impl.model.fp8_scaling import FP8_MAX, FP8Heads, to_fp8_saturating
+from impl.model.fp8_scaling import FP8Heads, fp8_scales, to_fp8_saturating
 from impl.quant import nvfp4
 
 # FP8 cache: the first block's amax maps to 448 / FP8_KV_HEADROOM, so later blocks may reach
@@ -198,9 +198,8 @@ class FP8Store:
         if codes is not None:
             raise ValueError("KVCache.write: pre-quantized K/V (codes) need storage='nvfp4'")
         if not self._scaled[layer]:
-            for i, x in enumerate((k, v)):
-                amax = x.detach().abs().amax(dim=(-2, -1), keepdim=True).float().clamp_min(1e-12)
-                self.scales[layer, i] = FP8_MAX / (FP8_KV_HEADROOM * amax)
+            for i, x in enumerate((k, v)):   # 448 / (headroom x amax); the division by 4 is exact
+                self.scales[layer, i] = fp8_scales(x) / FP8_KV_HEADROOM
             self._scaled[layer] = True
         lo, hi = plan.write_range
         self.k[layer, :, :, lo:hi] = to_fp8_saturating(k, self.scales[layer, 0])
