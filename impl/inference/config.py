@@ -79,7 +79,7 @@ class InferenceConfig:
       comma-separated step indices, negative from the end, or ``first`` / ``last``. The
       clean re-cache pass always runs ``attention``.
     frame_format: decoded frames as float32 in [-1, 1], or uint8 converted on the GPU and copied
-      through pinned, double-buffered host memory (a quarter of the bytes; what mp4 stores).
+      through pinned staging buffers reused across blocks (a quarter of the bytes; what mp4 stores).
     compile: ``torch.compile`` each DiT block's two pure halves; ``cuda_graphs`` (needs
       ``compile``, CUDA) compiles them with ``mode="reduce-overhead"``, so each half replays as
       one CUDA graph and the host no longer gates the GPU.
