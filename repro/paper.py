@@ -48,7 +48,6 @@ class PaperNumber:
     unit: str
     setting: str
     gpu: str = "not stated"
-    match: dict[str, Any] | None = None  # {"experiment", "variant", "metric", "select"}
     note: str = ""
 
     def display(self) -> str:
@@ -72,10 +71,7 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
                 "NVFP4 2-step vs BF16 4-step"),
     PaperNumber("training_speedup", "Training speedup", 2.15, "x",
                 "Balanced SP + NVFP4 vs baseline (abstract; exact baseline in the paper's tables)",
-                gpu="Blackwell (model not stated)",
-                match={"experiment": "training_speed",
-                       "variant": {"sp_layout": "balanced", "precision": NVFP4_PRECISIONS},
-                       "metric": "speedup_vs_baseline", "select": "max"}),
+                gpu="Blackwell (model not stated)"),
     PaperNumber("longlive1_fps", "LongLive 1.0 (1.3B) inference FPS", 20.7, "FPS",
                 "LongLive-1.3B, Wan2.1-T2V base, 832x480 (arXiv 2509.22622)", gpu="H100",
                 note="different model; not measured by this harness"),
@@ -87,6 +83,45 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
                 f"{_5B}, NVFP4, 2 steps (release model table)", note=_VBENCH_NOTE),
 )
 _BY_KEY = {p.key: p for p in PAPER_NUMBERS}
+
+
+@dataclass(frozen=True)
+class Twin:
+    """A measured figure of the same kind as a paper number, shown for every hardware with a
+    record: records of ``experiment`` matching ``variant``. With ``ratio`` = (key, fast, base),
+    the figure is ``metric`` of the ``fast`` record over the ``base`` record whose variants differ
+    only in ``key`` (inverted where ``lower_is_better``), the best such pair per hardware; else
+    ``metric`` itself with its ``<metric>_ci95``, from the newest matching record."""
+
+    label: str
+    experiment: str
+    metric: str
+    variant: dict[str, Any] = field(default_factory=dict)
+    ratio: tuple[str, Any, Any] | None = None
+    lower_is_better: bool = False
+
+
+_QUALITY_BASE = {"train_precision": "bf16", "sink": True, "attention": "sdpa", "decoder": "wan", "switch": "cut"}
+_PROXY = "quality proxy's prompt adherence (not VBench: a weight-free proxy, results/tables/quality.md)"
+TWINS: dict[str, tuple[Twin, ...]] = {
+    "training_speedup": (
+        Twin("FP8 vs BF16 training step on one GPU, same clip and depth", "train_step", "step_s",
+             ratio=("precision", "fp8", "bf16"), lower_is_better=True),
+        Twin("NVFP4 (emulated) vs BF16 training step on one GPU", "train_step", "step_s",
+             ratio=("precision", "nvfp4_emulated", "bf16"), lower_is_better=True),
+        Twin("Balanced vs naive sequence parallelism, tokens/s (gloo processes)", "sp_training", "tokens_per_s",
+             ratio=("sp_layout", "balanced", "naive")),
+    ),
+    "vbench_bf16": (
+        Twin(f"BF16 8-step teacher, {_PROXY}", "quality", "q_adherence",
+             {**_QUALITY_BASE, "model": "teacher", "precision": "bf16", "kv_cache": "bf16", "steps": 8}),),
+    "vbench_nvfp4_4step": (
+        Twin(f"NVFP4 (emulated) 4-step LoRA student with the NVFP4 KV cache, {_PROXY}", "quality", "q_adherence",
+             {**_QUALITY_BASE, "model": "lora", "precision": "nvfp4_emulated", "kv_cache": "nvfp4", "steps": 4}),),
+    "vbench_nvfp4_2step": (
+        Twin(f"NVFP4 (emulated) 2-step LoRA student with the NVFP4 KV cache, {_PROXY}", "quality", "q_adherence",
+             {**_QUALITY_BASE, "model": "lora", "precision": "nvfp4_emulated", "kv_cache": "nvfp4", "steps": 2}),),
+}
 
 METHOD_NOTES = (
     "The release's README model table gives 24.8 FPS (BF16), 29.7 (NVFP4 4-step) and 45.7 (NVFP4 2-step) "
@@ -204,13 +239,19 @@ def _commit_age(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], str
     return age
 
 
-def pick(records: list[dict[str, Any]], path: OurPath) -> dict[str, Any] | None:
-    """The record for ``path``: from the first experiment of :data:`SPEED_EXPERIMENTS` that has a
-    match, the GPU with the newest matching record, the newest commit (run) there that has a match,
-    and within that run the highest ``path.select`` value."""
+def gpu_types(records: list[dict[str, Any]]) -> list[str]:
+    """Hardware tags (one per GPU type and count) of the 5B speed records, in name order."""
+    return sorted({_hw(r) for r in speed_records(records)})
+
+
+def pick(records: list[dict[str, Any]], path: OurPath, hw: str | None = None) -> dict[str, Any] | None:
+    """The record for ``path`` (on hardware tag ``hw``; None: the GPU with the newest matching
+    record): from the first experiment of :data:`SPEED_EXPERIMENTS` that has a match there, the
+    newest commit (run) that has a match, and within that run the highest ``path.select`` value."""
     speed = speed_records(records)
     cands = [r for r in speed if matches_subset(_filled(r), path.variant)
-             and (path.gpu is None or path.gpu in str(r["hardware"].get("gpu_name", "")))]
+             and (path.gpu is None or path.gpu in str(r["hardware"].get("gpu_name", "")))
+             and (hw is None or _hw(r) == hw)]
     if not cands:
         return None
     exp = next(e for e in SPEED_EXPERIMENTS if any(r["experiment"] == e for r in cands))
@@ -255,20 +296,27 @@ class RatioRow:
     def ratio(self, metric: str) -> float:
         return float(self.fast["metrics"][metric]) / float(self.bf16["metrics"][metric])
 
+    def ratio_range(self, metric: str) -> tuple[float, float] | None:
+        """The ratio's [low, high] from the two records' spreads over their timed videos (None
+        when either record timed one video)."""
+        lo_f, hi_f = _spread(self.fast, metric)
+        lo_b, hi_b = _spread(self.bf16, metric)
+        if None in (lo_f, hi_f, lo_b, hi_b) or lo_b <= 0:
+            return None
+        return lo_f / hi_b, hi_f / lo_b
 
-def ratio_rows(records: list[dict[str, Any]]) -> list[RatioRow]:
-    """Our counterparts of the paper's 1.84x: the best 2-step path end to end against the BF16
-    4-step path with the same other settings; the best such pair from one run (one commit) if that
-    is another pair; and the pair with the full Wan decoder in the loop (today's path) if that is
-    yet another. Pairs come from the first experiment of :data:`SPEED_EXPERIMENTS` that has one,
-    on the GPU with the newest record there."""
-    pairs = ratio_pairs(records)
+
+def ratio_rows(records: list[dict[str, Any]], hw: str) -> list[RatioRow]:
+    """Our counterparts of the paper's 1.84x on hardware tag ``hw``: the best 2-step path end to
+    end against the BF16 4-step path with the same other settings; the best such pair from one run
+    (one commit) if that is another pair; and the pair with the full Wan decoder in the loop
+    (today's path) if that is yet another. Pairs come from the first experiment of
+    :data:`SPEED_EXPERIMENTS` that has one on that hardware."""
+    pairs = [(a, b) for a, b in ratio_pairs(records) if _hw(a) == hw]
     if not pairs:
         return []
     exp = next(e for e in SPEED_EXPERIMENTS if any(a["experiment"] == e for a, _ in pairs))
     pairs = [(a, b) for a, b in pairs if a["experiment"] == exp]
-    newest = max((r for pair in pairs for r in pair), key=lambda r: str(r.get("created", "")))
-    pairs = [(a, b) for a, b in pairs if _hw(a) == _hw(newest)]
 
     def best(cands, metric="e2e_fps"):
         return max(cands, key=lambda p: (float(p[0]["metrics"][metric]), p[0].get("commit") == p[1].get("commit"),
@@ -325,6 +373,26 @@ def _fps(x: Any) -> str:
     return fmt_num(x) if _num(x) else ""
 
 
+def _spread(record: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """``metric``'s min and max over the record's timed videos (None, None: one video timed)."""
+    m = record.get("metrics", {})
+    lo, hi = m.get(f"{metric}_min"), m.get(f"{metric}_max")
+    return (float(lo), float(hi)) if _num(lo) and _num(hi) else (None, None)
+
+
+def _fps_cell(record: dict[str, Any], metric: str) -> str:
+    """The median FPS with its [min, max] over the timed videos where the record has them."""
+    lo, hi = _spread(record, metric)
+    value = _fps(record["metrics"][metric])
+    return value if lo is None else f"{value} [{_fps(lo)}, {_fps(hi)}]"
+
+
+def _ratio_cell(row: RatioRow, metric: str) -> str:
+    interval = row.ratio_range(metric)
+    text = f"{row.ratio(metric):.2f}x"
+    return text if interval is None else f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _differences(row: RatioRow) -> str:
     """What separates our pair from the paper's NVFP4 2-step vs BF16 4-step comparison."""
     from repro.report import short_commit
@@ -336,7 +404,7 @@ def _differences(row: RatioRow) -> str:
     elif v["precision"] in ("nvfp4_weight_only", "nvfp4_emulated"):
         out.append(f"{_PRECISION_TEXT[v['precision']]} instead of NVFP4 W4A4 on FP4 tensor cores (Hopper has none)")
     if v["kv_cache"] != "nvfp4":
-        out.append("BF16 KV cache instead of NVFP4")
+        out.append(f"{v['kv_cache'].upper()} KV cache instead of NVFP4")
     out.append(f"{_gpu(row.fast)} instead of the paper's GB200 (2-step; the BF16 row's GPU is not stated)")
     out.append(f"decoder: {_DECODER_TEXT.get(v['decoder'], v['decoder'])} {_VAE_MODE_TEXT.get(v['vae_mode'])} "
                "(the paper's VAE and decode timing are not stated)")
@@ -359,22 +427,25 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def fps_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per (paper FPS row, our path): the paper's figure and setting on the first row of each
-    paper row; our DiT-only and end-to-end FPS, GPU, commit and experiment from one record."""
+    """One row per (paper FPS row, our path, GPU type with a matching record): the paper's figure
+    and setting on the first row of each paper row; our DiT-only and end-to-end FPS (median with
+    [min, max] over the timed videos), GPU, commit and experiment from one record."""
     from repro.report import short_commit
 
     rows = []
     for fr in FPS_ROWS:
         paper = _BY_KEY[fr.paper]
-        for i, path in enumerate(fr.paths):
-            rec = pick(records, path)
-            head = [paper.description.replace("LongLive-2.0-5B ", "").replace(" inference FPS", ""),
-                    paper.display(), paper.gpu] if i == 0 else ["", "", ""]
-            if rec is None:
+        head = [paper.description.replace("LongLive-2.0-5B ", "").replace(" inference FPS", ""),
+                paper.display(), paper.gpu]
+        for path in fr.paths:
+            recs = [r for r in (pick(records, path, hw) for hw in gpu_types(records)) if r is not None]
+            if not recs:
                 rows.append(head + [path.label, "", "", "no matching record", "", ""])
-                continue
-            rows.append(head + [f"{describe(rec)} ({path.label})", _fps(rec["metrics"]["dit_fps"]),
-                                _fps(rec["metrics"]["e2e_fps"]), _gpu(rec), short_commit(rec), rec["experiment"]])
+                head = ["", "", ""]
+            for rec in recs:
+                rows.append(head + [f"{describe(rec)} ({path.label})", _fps_cell(rec, "dit_fps"),
+                                    _fps_cell(rec, "e2e_fps"), _gpu(rec), short_commit(rec), rec["experiment"]])
+                head = ["", "", ""]
     return rows
 
 
@@ -394,22 +465,26 @@ def paper_table_markdown(results_dir: str) -> str:
     lines += ["", "## FPS: the paper's rows and our paths", "",
               "DiT-only FPS: video frames / DiT time (denoising steps + KV re-cache), no decode. End-to-end FPS: "
               "video frames / wall time until the last frame is decoded and delivered. Each row is one record "
-              "(one commit, one GPU), from the newest run that has the path.", ""]
+              "(one commit, one GPU), from the newest run on that GPU type that has the path; every GPU type "
+              "with such a record gets its own row. Figures are medians over the record's timed videos with "
+              "[min, max] over them; a figure without brackets comes from a record that timed one video.", ""]
     lines += _table(["paper row", "paper FPS", "paper GPU", "our path", "DiT-only FPS", "end-to-end FPS", "GPU",
                      "commit", "experiment"], fps_rows(records))
 
     lines += ["", "## Speedup: the paper's 1.84x and ours", "",
               "The paper's 1.84x is 45.7 / 24.8 FPS: NVFP4 2-step against BF16 4-step, timing method not stated. "
               "Ours divide a 2-step path by the BF16 4-step path with every other setting equal, DiT-only and end "
-              "to end.", ""]
+              "to end, on each GPU type; [low, high] bounds the ratio by the two records' spreads over their timed "
+              "videos.", ""]
     rrows = [["NVFP4 2-step vs BF16 4-step (45.7 / 24.8)", "1.84x", "", "", "", "GB200 (2-step); BF16: not stated",
               "paper abstract, README table, project page"]]
-    for row in ratio_rows(records):
-        rrows.append([row.label, "", f"{row.ratio('dit_fps'):.2f}x", f"{row.ratio('e2e_fps'):.2f}x",
-                      f"{describe(row.fast)}: {_fps(row.fast['metrics']['dit_fps'])} / "
-                      f"{_fps(row.fast['metrics']['e2e_fps'])} FPS; vs {describe(row.bf16)}: "
-                      f"{_fps(row.bf16['metrics']['dit_fps'])} / {_fps(row.bf16['metrics']['e2e_fps'])} FPS",
-                      _gpu(row.fast), _differences(row)])
+    for hw in gpu_types(records):
+        for row in ratio_rows(records, hw):
+            rrows.append([row.label, "", _ratio_cell(row, "dit_fps"), _ratio_cell(row, "e2e_fps"),
+                          f"{describe(row.fast)}: {_fps(row.fast['metrics']['dit_fps'])} / "
+                          f"{_fps(row.fast['metrics']['e2e_fps'])} FPS; vs {describe(row.bf16)}: "
+                          f"{_fps(row.bf16['metrics']['dit_fps'])} / {_fps(row.bf16['metrics']['e2e_fps'])} FPS",
+                          _gpu(row.fast), _differences(row)])
     if len(rrows) == 1:
         rrows.append(["ours", "", "", "", "no 2-step / BF16 4-step pair with equal other settings yet", "", ""])
     lines += _table(["ratio", "paper", "ours DiT-only", "ours end to end", "our 2-step path / BF16 4-step path "
@@ -421,10 +496,10 @@ def paper_table_markdown(results_dir: str) -> str:
               "records on the same kind of GPU they are set beside them.", ""]
     urows = []
     for u in USER_REPORTS:
-        rec = pick(records, u.ours) if u.ours is not None else None
-        ours = (f"{describe(rec)}: {_fps(rec['metrics']['dit_fps'])} / "
-                f"{_fps(rec['metrics']['e2e_fps'])} FPS ({_gpu(rec)}, commit {short_commit(rec)})"
-                if rec is not None else f"no {u.gpu} records")
+        recs = [r for r in (pick(records, u.ours, hw) for hw in gpu_types(records))
+                if r is not None] if u.ours is not None else []
+        ours = "; ".join(f"{describe(rec)}: {_fps_cell(rec, 'dit_fps')} / {_fps_cell(rec, 'e2e_fps')} FPS "
+                         f"({_gpu(rec)}, commit {short_commit(rec)})" for rec in recs) or f"no {u.gpu} records"
         urows.append([u.gpu, u.setting, fmt_num(u.denoise_fps), fmt_num(u.e2e_fps), ours, "issue #103"])
     lines += _table(["GPU", "release setting", "denoise FPS", "end-to-end FPS", "ours (DiT-only / end-to-end)",
                      "source"], urows)
@@ -440,16 +515,65 @@ def paper_table_markdown(results_dir: str) -> str:
 
 
 def _other_measured(e: PaperNumber, records: list[dict[str, Any]]) -> str:
-    from repro.report import fmt_num, hardware_label, short_commit
+    twins = TWINS.get(e.key, ())
+    found = [cell for cell in (_twin_cell(twin, records) for twin in twins) if cell]
+    if found:
+        return "; ".join(found)
+    if twins:
+        return "not measured yet (" + "; ".join(t.label for t in twins) + ")"
+    return f"not measured ({e.note})" if e.note else "not measured"
 
-    if e.match is None:
-        return f"not measured ({e.note})" if e.note else "not measured"
-    m = e.match
-    hits = [r for r in records if r.get("experiment") == m["experiment"]
-            and matches_subset(r.get("variant", {}), m.get("variant", {}))
-            and _num(r.get("metrics", {}).get(m["metric"]))]
-    if not hits:
-        return "not measured yet"
-    best = max(hits, key=lambda r: (r["metrics"][m["metric"]], str(r.get("created", ""))))
-    val = fmt_num(best["metrics"][m["metric"]]) + ("x" if e.unit == "x" else f" {e.unit}")
-    return f"{val} on {hardware_label(best['hardware'])} ({best.get('variant_slug', '')}; commit {short_commit(best)})"
+
+# Variant keys that say which training pair a ratio twin compares (the others are settings
+# every such pair shares).
+_PAIR_KEYS = ("frames", "num_layers", "sharding", "compile", "sp_size", "precision")
+
+
+def _twin_cell(twin: Twin, records: list[dict[str, Any]]) -> str:
+    """``twin``'s figure on each hardware that has records of it, with the records' commits
+    ("" when none has)."""
+    from repro.report import fmt_num, short_commit
+
+    recs = [r for r in records if r.get("experiment") == twin.experiment
+            and matches_subset(r.get("variant", {}), twin.variant)
+            and _num(r.get("metrics", {}).get(twin.metric))]
+    parts = []
+    for hw in sorted({_hw(r) for r in recs}):
+        here = [r for r in recs if _hw(r) == hw]
+        if twin.ratio is None:
+            best = max(here, key=lambda r: str(r.get("created", "")))
+            ci = best["metrics"].get(f"{twin.metric}_ci95")
+            value = fmt_num(best["metrics"][twin.metric]) + (f" +- {fmt_num(ci)} (95%)" if _num(ci) else
+                                                              " (one seed, no interval)")
+            parts.append(f"{_gpu(best)} {value}, commit {short_commit(best)}")
+            continue
+        pairs = _ratio_pairs(here, twin)
+        if not pairs:
+            continue
+        ratio, fast, base = max(pairs, key=lambda p: p[0])
+        v = fast["variant"]
+        setting = ", ".join(f"{k} {'all' if k == 'num_layers' and v[k] == 0 else v[k]}" for k in _PAIR_KEYS
+                            if k in v and k != twin.ratio[0])
+        commits = short_commit(fast) if fast.get("commit") == base.get("commit") else \
+            f"{short_commit(fast)} / {short_commit(base)}"
+        parts.append(f"{_gpu(fast)} {ratio:.2f}x (best of {len(pairs)} pair(s): {setting}; commit {commits})")
+    return f"{twin.label}: " + "; ".join(parts) if parts else ""
+
+
+def _ratio_pairs(records: list[dict[str, Any]], twin: Twin) -> list[tuple[float, dict[str, Any], dict[str, Any]]]:
+    """(ratio, fast record, base record) for records whose variants differ only in the twin's key."""
+    key, fast_value, base_value = twin.ratio
+
+    def rest(r: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in r["variant"].items() if k != key))
+
+    bases = {rest(r): r for r in records if r["variant"].get(key) == base_value}
+    out = []
+    for fast in (r for r in records if r["variant"].get(key) == fast_value):
+        base = bases.get(rest(fast))
+        if base is None:
+            continue
+        a, b = float(fast["metrics"][twin.metric]), float(base["metrics"][twin.metric])
+        if a > 0 and b > 0:
+            out.append((b / a if twin.lower_is_better else a / b, fast, base))
+    return out
