@@ -131,11 +131,27 @@ def record_path(record: dict[str, Any], results_dir: str | Path) -> Path:
 
 
 def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
-    """Write ``results_dir/<experiment>/<hardware_tag>/<variant_slug>.json`` atomically."""
+    """Write ``results_dir/<experiment>/<hardware_tag>/<variant_slug>.json`` atomically, and
+    remove the records it supersedes: those in the same folder with the same variant under an
+    older file name (a slug changes when the spec starts to vary another key; the old record
+    carries that key in ``migrated_variant_keys``), so one variant has one record."""
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"record is missing keys {missing}")
-    return write_json(record_path(record, results_dir), record)
+    path = write_json(record_path(record, results_dir), record)
+    for old in path.parent.glob("*.json"):
+        if old != path and not old.name.startswith(".") and _same_variant(old, record):
+            old.unlink()
+    return path
+
+
+def _same_variant(path: Path, record: dict[str, Any]) -> bool:
+    try:
+        other = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False   # not a record we can read: left alone (load_records warns about it)
+    return (is_record(other) and other.get("experiment") == record["experiment"]
+            and other.get("variant") == record.get("variant"))
 
 
 def is_record(data: Any) -> bool:

@@ -28,6 +28,7 @@ checked experiments or of another preset than the committed ones.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import Counter
@@ -125,8 +126,10 @@ def _index(folder: str | Path, hardware: str, experiments: tuple[str, ...], role
     path = Path(folder)
     if not path.is_dir():
         raise UsageError(f"--{role} {folder}: no such folder (expected a results folder of `make reproduce`)")
-    recs = {(r["experiment"], r.get("variant_slug") or Path(r["_path"]).stem): r for r in load_records(path)
-            if r["experiment"] in experiments and hardware_tag(r["hardware"]) == hardware}
+    # Keyed by variant, not file name: a record written before the spec varied a key keeps its
+    # older slug (the key filled in by migration), and a fresh run names it with the key.
+    recs = {(r["experiment"], json.dumps(r.get("variant", {}), sort_keys=True, default=str)): r
+            for r in load_records(path) if r["experiment"] in experiments and hardware_tag(r["hardware"]) == hardware}
     if not recs:
         raise UsageError(f"--{role} {folder}: no {hardware} records of {', '.join(experiments)} (expected the "
                          f"results folder of a `make reproduce` run: <folder>/<experiment>/{hardware}/*.json)")
@@ -153,6 +156,7 @@ def compare(fresh_dir: str | Path, committed_dir: str | Path, *, hardware: str =
     problems: list[str] = []
     for key, ref in sorted(committed.items()):
         got = fresh.get(key)
+        key = (key[0], ref.get("variant_slug") or Path(ref["_path"]).stem)   # named by its file in messages
         if got is None:
             problems.append(f"{key[0]}/{key[1]}: no fresh record")
             continue

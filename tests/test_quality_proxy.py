@@ -199,6 +199,13 @@ def test_combine_seeds_means_intervals_and_strings():
     assert out["q_adherence"] == pytest.approx(0.3) and out["q_adherence_ci95"] == pytest.approx(12.706 * 0.1)
     assert out["series_x_b00"] == 2.0 and "series_x_b00_ci95" not in out and out["train_device_vae"] == "cpu"
     assert out["q_kid"] == 0.5 and out["q_kid_ci95"] is None and out["seeds_used"] == 2
+    assert "busy" not in out   # no speed among the metrics
+    # a speed: the median over the seeds with its spread, and busy when the seeds' speeds spread
+    steady = combine_seeds([{"dit_fps": 100.0}, {"dit_fps": 104.0}, {"dit_fps": 101.0}])
+    assert (steady["dit_fps"], steady["dit_fps_min"], steady["dit_fps_max"]) == (101.0, 100.0, 104.0)
+    assert steady["busy"] is False and "dit_fps_ci95" not in steady
+    loaded = combine_seeds([{"dit_fps": 100.0}, {"dit_fps": 30.0}, {"dit_fps": 98.0}])
+    assert loaded["busy"] is True and loaded["busy_metrics"] == "dit_fps"
 
 
 def test_quality_variant_errors(tmp_path):

@@ -40,6 +40,18 @@ def test_write_path_and_roundtrip(tmp_path):
     assert len(list(p.parent.iterdir())) == 1
 
 
+def test_a_record_supersedes_its_variant_under_an_older_file_name(tmp_path):
+    """When a spec starts to vary a key the slug of its rows changes; the rewritten row replaces
+    the record of the same variant written under the old name (one record per variant)."""
+    variant = {"steps": 4, "attention": "sdpa"}   # "attention" filled in by migration in the old record
+    old = write_record(_rec(variant=variant, slug="steps-4"), tmp_path)
+    other = write_record(_rec(variant={"steps": 2, "attention": "sdpa"}, slug="steps-2"), tmp_path)
+    (old.parent / "notes.json").write_text("[1, 2]")   # not a record: left alone
+    new = write_record(_rec(variant=variant, slug="attention-sdpa__steps-4", metrics={"e2e_fps": 3.0}), tmp_path)
+    assert sorted(f.name for f in new.parent.iterdir()) == sorted([new.name, other.name, "notes.json"])
+    assert not old.exists() and json.loads(new.read_text())["metrics"]["e2e_fps"] == 3.0
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     bad = _rec(metrics={"x": object()})  # not JSON-serialisable
     with pytest.raises(TypeError):

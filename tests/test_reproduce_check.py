@@ -9,11 +9,26 @@ from repro.reproduce_check import compare, main, within
 HW = {"device": "cpu", "gpu_count": 0}
 
 
-def _write(folder, slug, metrics, experiment="quality"):
+def _write(folder, slug, metrics, experiment="quality", variant=None):
     path = folder / experiment / "cpu" / f"{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"experiment": experiment, "variant_slug": slug, "variant": {}, "hardware": HW,
+    path.write_text(json.dumps({"experiment": experiment, "variant_slug": slug,
+                                "variant": {"row": slug} if variant is None else variant, "hardware": HW,
                                 "metrics": metrics}))
+
+
+def test_records_are_matched_by_variant_not_file_name(tmp_path):
+    """A committed record written before the spec varied a key keeps its older file name (the key
+    filled in by migration); the fresh run names it with the key. They are the same row."""
+    fresh, committed = tmp_path / "fresh", tmp_path / "committed"
+    variant = {"model": "teacher", "bf16_attention_steps": "none"}
+    _write(committed, "model-teacher", {"q_adherence": 0.5}, variant=variant)
+    _write(fresh, "bf16-attention-steps-none__model-teacher", {"q_adherence": 0.9}, variant=variant)
+    (problem,) = compare(fresh, committed)
+    assert problem.startswith("quality/model-teacher: q_adherence")   # compared, and named by the committed file
+    _write(fresh, "bf16-attention-steps-none__model-teacher", {"q_adherence": 0.5},
+           variant={**variant, "bf16_attention_steps": "last"})
+    assert compare(fresh, committed) == ["quality/model-teacher: no fresh record"]
 
 
 def test_tolerances_by_metric_kind():

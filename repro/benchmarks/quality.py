@@ -140,9 +140,12 @@ def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One record's metrics from per-seed ones: the mean of every number over the seeds that have
     it (``train_s_*``: per seed), ``<metric>_ci95`` for the quality metrics, the training losses
     and the detector's accuracies (not for per-block curves, times and speeds), strings from the
-    first seed (the same in all: devices, modes)."""
-    from repro.stats import mean_ci95
+    first seed (the same in all: devices, modes). A speed (``*fps*``) is the median over the seeds
+    with ``_min`` / ``_max`` beside it, and ``busy`` says whether the seeds' speeds spread as on a
+    machine busy with something else (:func:`repro.stats.is_busy`)."""
+    from repro.stats import is_busy, mean_ci95, repeat_summary
     out: dict[str, Any] = {}
+    busy: list[str] = []
     names = list(dict.fromkeys(k for m in per_seed for k in m))
     for name in names:
         values = [m.get(name) for m in per_seed]
@@ -150,10 +153,18 @@ def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         if not nums:
             out[name] = next((v for v in values if v is not None), None)
             continue
+        if "fps" in name:
+            spread = repeat_summary(nums)
+            out[name], out[f"{name}_min"], out[f"{name}_max"] = spread["median"], spread["min"], spread["max"]
+            if is_busy(nums):
+                busy.append(name)
+            continue
         mean, half = mean_ci95(nums)
         out[name] = mean if math.isfinite(mean) else None
-        if not name.startswith(("series_", "train_s_")) and "fps" not in name:
+        if not name.startswith(("series_", "train_s_")):
             out[f"{name}_ci95"] = half
+    if any("fps" in name for name in names):
+        out["busy"], out["busy_metrics"] = bool(busy), ", ".join(busy)
     out["seeds_used"] = len(per_seed)
     return out
 
