@@ -94,7 +94,7 @@ class Benchmark:
     returns a flat dict of metric name -> number. ``primary_metric`` is the one used for
     ``speedup_vs_baseline``; ``plot`` names the metric bar-plotted in reports (defaults to
     the primary metric). ``check_variant`` may raise ValueError for cross-field problems.
-    ``extra`` holds report hooks (repro/report.py): ``plots(records, plots_dir) -> paths`` draws
+    ``extra`` holds report hooks (repro/report/build.py): ``plots(records, plots_dir) -> paths`` draws
     further figures, and with ``bar_plot: False`` replaces the bar chart; ``analytic(record) ->
     label or None`` names a cost model's record by what it assumes instead of its hardware.
     """

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import repro.report as report
+from repro.report import columns, plots
 from repro.errors import HarnessError
 from repro.records import make_record, record_path, write_record
 
@@ -81,10 +82,10 @@ def test_every_table_column_of_every_benchmark_is_defined():
             continue
         bench = get_benchmark(name)
         cols = ["hardware", *bench.variant_fields, *bench.table_metrics, "speedup_vs_baseline", "commit"]
-        gaps = report.undocumented_columns(cols, bench)
+        gaps = columns.undocumented_columns(cols, bench)
         if gaps:
             missing[name] = gaps
-    assert not missing, f"document these columns in repro/report.py COLUMN_DOCS: {missing}"
+    assert not missing, f"document these columns in repro/report/columns.py COLUMN_DOCS: {missing}"
 
 
 def test_tables_end_with_a_legend_and_use_7_char_commits(tmp_path):
@@ -103,7 +104,7 @@ def test_tables_end_with_a_legend_and_use_7_char_commits(tmp_path):
 
 
 def test_unknown_metric_is_flagged_undocumented():
-    assert report.undocumented_columns(["dit_fps", "brand_new_metric"]) == ["brand_new_metric"]
+    assert columns.undocumented_columns(["dit_fps", "brand_new_metric"]) == ["brand_new_metric"]
 
 
 # ---------------------------------------------------------------- files
@@ -188,6 +189,9 @@ def figures(monkeypatch):
         saved[Path(path).name] = fig
         return real(fig, path)
 
+    # bar and scatter plots save through repro.report.plots, the benchmarks' own figures
+    # (train_memory, quality's drift curves) through the name the package exports
+    monkeypatch.setattr(plots, "save_figure", keep)
     monkeypatch.setattr(report, "save_figure", keep)
     return saved
 
@@ -234,7 +238,7 @@ def test_a_row_of_two_bars_is_not_squashed(tmp_path, figures):
     assert h >= 330, (w, h)       # the heading's lines, two panel titles, x labels and the bars
     fig = figures["vae_second_gpu.png"]
     for ax in fig.axes:           # the bars get at least 1.2 in of the row's height
-        assert ax.get_window_extent().height >= 1.2 * report.PLOT_DPI * 0.75
+        assert ax.get_window_extent().height >= 1.2 * plots.PLOT_DPI * 0.75
     assert not _overlapping_texts(fig)
 
 
@@ -344,7 +348,7 @@ def test_spec_baseline_line_without_speedups(tmp_path):
                    {"dit_fps": f, "e2e_fps": f / 2}, hw=CPU, spec=str(spec))
             for p, s, f in (("bf16", 4, 10.0), ("fp8", 2, 20.0))]
     base = report.spec_baseline(recs)
-    assert report._baseline_record(recs, base)["variant"]["precision"] == "bf16"
+    assert report.baseline_record(recs, base)["variant"]["precision"] == "bf16"
 
 
 def test_drift_plot_stays_readable_with_many_variants(tmp_path, figures):

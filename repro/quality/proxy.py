@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from impl.config import ConfigError, Preset, _require, get_preset
+from impl.config import ConfigError, Preset, _require, get_preset, require_positive, require_positive_ints
 from impl.io import save_safetensors, write_json
 
 __all__ = ["ProxyConfig", "ProxySystem", "PROXY_PRESETS", "TRAIN_PRECISIONS", "portable_cpu_kernels"]
@@ -78,16 +78,12 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         _require(self.preset in PROXY_PRESETS, "ProxyConfig.preset",
                  f"must be one of {PROXY_PRESETS}, got {self.preset!r}")
-        for name in ("vae_steps", "vae_batch", "detector_steps", "detector_clips", "train_clips", "clip_blocks",
-                     "shots_per_clip", "ar_steps", "ar_batch", "distill_iters", "lora_rank", "decoder_steps",
-                     "decoder_batch"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"ProxyConfig.{name}",
-                     f"must be an integer >= 1, got {v!r}")
+        require_positive_ints(self, "vae_steps", "vae_batch", "detector_steps", "detector_clips", "train_clips",
+                              "clip_blocks", "shots_per_clip", "ar_steps", "ar_batch", "distill_iters", "lora_rank",
+                              "decoder_steps", "decoder_batch")
         _require(self.shots_per_clip <= self.clip_blocks, "ProxyConfig.shots_per_clip",
                  f"must be <= clip_blocks={self.clip_blocks}")
-        for name in ("vae_lr", "ar_lr", "distill_lr", "decoder_lr"):
-            _require(getattr(self, name) > 0, f"ProxyConfig.{name}", "must be > 0")
+        require_positive(self, "vae_lr", "ar_lr", "distill_lr", "decoder_lr")
 
     @classmethod
     def from_measure(cls, measure: dict[str, Any], preset: str) -> "ProxyConfig":
