@@ -51,7 +51,7 @@ from typing import Any
 from impl.inference.config import InferenceConfig
 from impl.parallel.sp_exchange import block_bytes
 from impl.inference.sp import config_block_bytes
-from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmark import Benchmark, register
 from repro.benchmarks._shared import inference_field, preset_field
 from repro.benchmarks._rates import Rates, analytic_label, rate_fields
 from repro.roofline import block_flops
