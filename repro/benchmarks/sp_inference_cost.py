@@ -158,7 +158,7 @@ SP_INFERENCE_COST = register(Benchmark(
         "sp_size": inference_field("sp_size", help="SP ranks (must divide the heads and the block's tokens)"),
         "kv_cache": inference_field("kv_cache"),
         "kv_comm": inference_field("kv_comm"),
-        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
+        "steps": inference_field("steps"),
         "guidance_scale": inference_field("guidance_scale", help="CFG scale; > 1 doubles the batch"),
     },
     measure_fields=rate_fields("gemm_tflops", "attn_tflops", "link_gbps", "compute_efficiency", "latency_us",

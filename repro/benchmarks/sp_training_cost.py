@@ -105,6 +105,7 @@ from impl.parallel.layout import TeacherForcingLayout, attention_density
 from impl.parallel.sp_vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
 from repro.benchmarks._rates import Rates, analytic_label, rate_fields
+from repro.benchmarks._shared import preset_field
 
 BF16 = 2  # bytes per element
 
@@ -326,7 +327,7 @@ SP_TRAINING_COST = register(Benchmark(
                  "H100 rate, an assumption). "
                  "Not measured: see repro/benchmarks/sp_training_cost.py for the formulas."),
     variant_fields={
-        "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
+        "preset": preset_field(default="wan22_ti2v_5b"),
         "frames": FieldSpec(int, 96, min=1, help="latent frames F (multiple of sp_size * frames_per_block)"),
         "sp_size": FieldSpec(int, 4, min=1, help="sequence-parallel ranks (must divide the head count)"),
         "sp_layout": FieldSpec(str, "balanced", choices=list(choices(SPLayout)),

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from impl.config import PRESETS, get_preset
+from impl.config import get_preset
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import SEED, preset_field, step_fields, train_field, train_fields
 from repro.benchmarks._memory_model import GB, H200_GB, memory_model
 from repro.benchmarks._one_rank import one_rank_steps
 
@@ -193,22 +194,18 @@ TRAIN_MEMORY = register(Benchmark(
                  "checkpointing, CPU offload) for sharding none vs FSDP over 1-8 GPUs, with the real "
                  "one-rank step's peak beside it where measured. See repro/benchmarks/_memory_model.py."),
     variant_fields={
-        "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
-        "num_layers": FieldSpec(int, 0, min=0, help="depth override (0 = the preset's depth)"),
-        "frames": FieldSpec(int, 24, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
+        "preset": preset_field(default="wan22_ti2v_5b"),
+        "num_layers": train_field("num_layers"),
+        "frames": train_field("frames", default=24),
         "gpus": FieldSpec(int, 1, min=1, max=64, help="ranks = GPUs (FSDP shards over all of them)"),
-        "sp_size": FieldSpec(int, 0, min=0, help="SP ranks per group (0 = all gpus); the rest is DP"),
-        "sharding": FieldSpec(str, "none", choices=["none", "fsdp"],
-                              help="none = replicated master weights and AdamW; fsdp = sharded over every rank"),
-        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in host memory"),
-        "gradient_checkpointing": FieldSpec(bool, True, help="per-block activation checkpointing"),
+        "sp_size": train_field("sp_size", default=0, min=0, help="SP ranks per group (0 = all gpus); the rest is DP"),
+        **train_fields("sharding", "offload", "gradient_checkpointing"),
         "ema": FieldSpec(bool, False, help="keep a float32 EMA of the weights"),
         "measured": FieldSpec(bool, False, help="also run the real step on this device (gpus 1) and report its peak"),
     },
     measure_fields={
-        "warmup_steps": FieldSpec(int, 1, min=1, help="steps before measuring (AdamW state, compilation)"),
-        "steps": FieldSpec(int, 2, min=1, help="measured optimizer steps"),
-        "seed": FieldSpec(int, 0, min=0),
+        **step_fields(warmup_steps=1, steps=2),
+        "seed": SEED,
     },
     run=run_train_memory,
     check_variant=check_variant,

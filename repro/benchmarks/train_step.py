@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from impl.modes import DType, Sharding, TrainAttention, TrainPrecision, choices
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import SEED, SPEED_PRESETS, preset_field, step_fields, train_field, train_fields
 from repro.benchmarks._one_rank import StepRun, one_rank_steps, train_config
 
 
@@ -71,27 +71,17 @@ TRAIN_STEP = register(Benchmark(
     name="train_step",
     description="Teacher-forcing AR training step (one rank, synthetic latents): time, tokens/s, memory, GEMM share.",
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model width preset"),
-        "num_layers": FieldSpec(int, 0, min=0, help="depth override (0 = the preset's depth)"),
-        "dtype": FieldSpec(str, "bf16", choices=list(choices(DType)),
-                           help="compute dtype of the model (the quantized precisions need bf16)"),
-        "precision": FieldSpec(str, "bf16", choices=list(choices(TrainPrecision)),
-                               help="format of the block linears (bf16 = not quantized: they run in dtype)"),
-        "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
-        "gradient_checkpointing": FieldSpec(bool, True, help="recompute each block in backward"),
-        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)"),
-        "attention_backend": FieldSpec(str, "auto", choices=list(choices(TrainAttention)),
-                                       help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
-        "sharding": FieldSpec(str, "none", choices=list(choices(Sharding)),
-                              help="none = replicated float32 master + AdamW beside BF16 params; fsdp = FSDP2 "
-                                   "shards (a world of one here). Records without it ran none"),
-        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in CPU memory"),
+        "preset": preset_field(SPEED_PRESETS, help="model width preset"),
+        **train_fields("num_layers", "dtype", "precision", "frames", "gradient_checkpointing", "compile",
+                       "attention_backend"),
+        "sharding": train_field("sharding", help="none = replicated float32 master + AdamW beside BF16 params; "
+                                                 "fsdp = FSDP2 shards (a world of one here). Records without it ran none"),
+        "offload": train_field("offload"),
     },
     measure_fields={
-        "warmup_steps": FieldSpec(int, 1, min=1, help="untimed steps (compilation, allocator warm-up)"),
-        "steps": FieldSpec(int, 3, min=1, help="timed optimizer steps (median reported)"),
+        **step_fields(warmup_steps=1, steps=3),
         "profile": FieldSpec(bool, True, help="profile one extra step for the per-phase time shares"),
-        "seed": FieldSpec(int, 0, min=0),
+        "seed": SEED,
     },
     run=run_train_step,
     check_variant=_check,
