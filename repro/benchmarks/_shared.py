@@ -61,7 +61,7 @@ def inference_field(name: str, **override: Any) -> FieldSpec:
     default = override.pop("default", _PLAIN_DEFAULTS.get(name, f.default))
     spec: dict[str, Any] = {"min": 1.0} if name == "guidance_scale" else {}
     if name in _BENCHMARK_CHOICES:
-        spec["choices"] = _BENCHMARK_CHOICES[name]
+        spec["choices"] = list(_BENCHMARK_CHOICES[name])
     return _config_field(f, default, **{"help": FIELD_HELP[name], **spec, **override})
 
 
