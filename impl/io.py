@@ -6,6 +6,9 @@ final ``os.replace`` is a rename on one filesystem), flushed, given the mode a p
 would give (0666 less the umask, usually 0644; ``mkstemp`` and safetensors' writer make 0600
 files) and renamed into place; on any failure, Ctrl-C included,
 the temporary file is removed and the old file (if any) is left untouched.
+
+A SIGTERM is raised as Ctrl-C inside :func:`sigterm_as_interrupt`, so a ``kill`` cleans up the
+same way; :func:`run_command` is the one ``main()`` of every command line around it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 def file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0666 less this process's umask."""
@@ -154,3 +158,29 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(body: Callable[[], int],
+                exit_codes: Sequence[tuple[type[Exception] | tuple[type[Exception], ...], int]] = ()) -> int:
+    """A command line's ``main()``: ``body()`` under :func:`sigterm_as_interrupt`, its end made an
+    exit code. An exception of a kind in ``exit_codes`` (tried in order; 2 for usage errors, 1 for
+    runtime failures) prints ``error: <message>`` as one line on stderr and returns its code;
+    Ctrl-C prints "interrupted" and returns 130, SIGTERM "terminated" and 143. Anything else
+    propagates: a bug, whose traceback is wanted."""
+    from impl.errors import Terminated
+
+    try:
+        with sigterm_as_interrupt():   # a kill cleans up temp files as Ctrl-C does
+            return body()
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        for kinds, code in exit_codes:
+            if isinstance(exc, kinds):
+                print(f"error: {exc}", file=sys.stderr)
+                return code
+        raise

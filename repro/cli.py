@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from impl.errors import Terminated, VideoWriteError
-from impl.io import sigterm_as_interrupt
+from impl.errors import VideoWriteError
+from impl.io import run_command
 from repro.errors import BenchmarkError, HarnessError, RunError, SpecError
 from repro.records import REPO_ROOT
 
@@ -187,23 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors are one line on stderr (no traceback) and an exit code:
     1 a run with failed variants or an I/O failure, 2 a bad spec/option/path, 130 Ctrl-C,
     143 SIGTERM (cleaned up as Ctrl-C)."""
-    try:
+    def command() -> int:
         args = build_parser().parse_args(argv)
-        with sigterm_as_interrupt():   # a kill cleans up temp files as Ctrl-C does
-            return args.func(args)
-    except (RunError, VideoWriteError) as exc:   # VideoWriteError: the disk filled up while writing --out
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (SpecError, BenchmarkError, HarnessError, ValueError) as exc:
-        # ValueError covers benchmark config errors (e.g. impl.config.ConfigError).
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:   # e.g. the disk filled up while writing a record
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return args.func(args)
+
+    return run_command(command, EXIT_CODES)
+
+
+# Tried in order. VideoWriteError: the disk filled up while writing --out; ValueError covers
+# benchmark config errors (e.g. impl.config.ConfigError); OSError e.g. a full disk under a record.
+EXIT_CODES = (((RunError, VideoWriteError), 1), ((SpecError, BenchmarkError, HarnessError, ValueError), 2), (OSError, 1))

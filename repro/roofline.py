@@ -11,38 +11,13 @@ The rates are measured on the device in the same run (:func:`measure_peak_rates`
 from __future__ import annotations
 
 import statistics
-import string
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from impl.config import Preset
-from repro.benchmark import FieldSpec
 from repro.timing import time_ms
-
-# Measure fields of the analytic cost models (sp_training_cost, sp_inference_cost): the rates
-# they assume, defaulting to what our H100 measured (DESIGN.md) and NVLink 4's nominal bandwidth.
-H100_RATE_FIELDS = {
-    "gemm_tflops": FieldSpec(float, 750.0, min=1e-6, help="BF16 GEMM rate (measured on our H100, DESIGN.md)"),
-    "attn_tflops": FieldSpec(float, 650.0, min=1e-6, help="attention rate (measured SDPA on our H100, DESIGN.md)"),
-    "link_gbps": FieldSpec(float, 450.0, min=1e-6,
-                           help="per-rank link bandwidth in GB/s (1e9 B/s) per direction; 450 = H100 "
-                                "NVLink 4 nominal, not measured"),
-}
-
-
-def analytic_label(record: dict, fields: dict[str, FieldSpec], rates: str) -> str:
-    """How tables and plots name a record of an analytic cost model: not the CPU it was computed
-    on, but the rates it assumes. ``rates`` is a phrase naming measure fields in braces, e.g.
-    ``"GEMM {gemm_tflops} TFLOP/s"``, filled from the record's ``measure``; "H100 rates" when
-    every value is the field's default (our H100's, see the fields' help), else "assumed rates"."""
-    measure = record.get("measure") or {}
-    keys = [name for _, name, _, _ in string.Formatter().parse(rates) if name]
-    values = {k: measure.get(k, fields[k].default) for k in keys}
-    which = "H100 rates" if all(values[k] == fields[k].default for k in keys) else "assumed rates"
-    return f"analytic model, {which}: " + rates.format(**{k: f"{v:g}" for k, v in values.items()})
-
 
 @dataclass(frozen=True)
 class BlockFlops:

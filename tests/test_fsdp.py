@@ -305,7 +305,8 @@ class _FlashLike(torch.autograd.Function):
 def test_activation_model_equals_what_the_forward_leaves_alive(preset_name, frames, checkpointing):
     """Every byte the forward keeps for backward (counted by the dispatch-mode storage meter),
     under Balanced SP 1: the blocks, text, head, time and patch terms of train_memory."""
-    from repro.benchmarks.train_memory import LiveStorageMeter, activation_terms
+    from repro.benchmarks._memory_model import activation_terms
+    from repro.benchmarks._one_rank import LiveStorageMeter
 
     preset = get_preset(preset_name)
     dit = preset.dit
@@ -330,7 +331,7 @@ def test_activation_model_equals_what_the_forward_leaves_alive(preset_name, fram
 
 
 def test_memory_model_scales_as_the_sharding_says():
-    from repro.benchmarks.train_memory import memory_model, param_counts
+    from repro.benchmarks._memory_model import memory_model, param_counts
 
     P = param_counts("wan22_ti2v_5b").total
     assert 4.9e9 < P < 5.1e9

@@ -20,42 +20,52 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
 from impl.config import PRESETS, ConfigError
 from impl.io import output_problem
-from impl.modes import DType, Sharding, SPLayout, TrainAttention, TrainPrecision, choices
+from impl.modes import choices
 from impl.train.config import LEGACY_DTYPE_PRECISIONS, TrainConfig, upgrade_config_dict
 
-# TrainConfig field -> (type of its --flag, help, Literal of its allowed values or None). The
-# flags default to None (unset: the --config file's value, else TrainConfig's default, which
-# the help shows).
-_FLAGS: dict[str, tuple[type, str, Any]] = {
-    "preset": (str, f"model size preset: {' | '.join(sorted(PRESETS))}", None),
-    "num_layers": (int, "DiT depth override at the preset's width (speed runs); unset: the preset's depth", None),
-    "frames": (int, "latent frames per clip, whole AR blocks (the release trains 96)", None),
-    "dtype": (str, "compute dtype of the DiT, VAE and text encoder", DType),
-    "precision": (str, "format of the block linears: bf16 = not quantized (they run in --dtype); the quantized "
-                       "formats need --dtype bf16, nvfp4_te a Blackwell GPU", TrainPrecision),
-    "sp_size": (int, "ranks per sequence-parallel group (the world is sp_size x DP replicas)", None),
-    "sp_layout": (str, "teacher-forcing token layout under SP: balanced = each rank holds the clean and noisy "
-                       "copy of one chunk; naive = the [clean ; noisy] sequence cut in sp parts", SPLayout),
-    "attention_backend": (str, "masked attention core: auto = flex on CUDA, dense elsewhere", TrainAttention),
-    "sharding": (str, "where parameters, gradients and AdamW state live: none = replicated on every rank; "
-                      "fsdp = FSDP2 shards over all sp x dp ranks (BF16 compute, float32 master and reduce; "
-                      "checkpoints are sharded DCP folders that resume on any world size)", Sharding),
-    "batch_size": (int, "clips per rank per micro-step", None),
-    "grad_accum": (int, "micro-steps per optimizer step", None),
-    "steps": (int, "optimizer steps to train to (a resumed run continues up to this total)", None),
-    "lr": (float, "AdamW learning rate", None),
-    "checkpoint_every": (int, "optimizer steps between checkpoints (0 = only at the end)", None),
-    "vae_halo": (int, "latents each SP rank encodes before its chunk and drops (>= 27, the VAE encoder's "
-                      "receptive field, is exact)", None),
-    "seed": (int, "seed of the weights, data, noise and timesteps", None),
+# TrainConfig field -> the help of its --flag. The flag's type and allowed values are the
+# field's (its annotation: a Literal lists them); the flags default to None (unset: the --config
+# file's value, else TrainConfig's default, which the help shows).
+_FLAGS: dict[str, str] = {
+    "preset": f"model size preset: {' | '.join(sorted(PRESETS))}",
+    "num_layers": "DiT depth override at the preset's width (speed runs); unset: the preset's depth",
+    "frames": "latent frames per clip, whole AR blocks (the release trains 96)",
+    "dtype": "compute dtype of the DiT, VAE and text encoder",
+    "precision": "format of the block linears: bf16 = not quantized (they run in --dtype); the quantized "
+                 "formats need --dtype bf16, nvfp4_te a Blackwell GPU",
+    "sp_size": "ranks per sequence-parallel group (the world is sp_size x DP replicas)",
+    "sp_layout": "teacher-forcing token layout under SP: balanced = each rank holds the clean and noisy "
+                 "copy of one chunk; naive = the [clean ; noisy] sequence cut in sp parts",
+    "attention_backend": "masked attention core: auto = flex on CUDA, dense elsewhere",
+    "sharding": "where parameters, gradients and AdamW state live: none = replicated on every rank; "
+                "fsdp = FSDP2 shards over all sp x dp ranks (BF16 compute, float32 master and reduce; "
+                "checkpoints are sharded DCP folders that resume on any world size)",
+    "batch_size": "clips per rank per micro-step",
+    "grad_accum": "micro-steps per optimizer step",
+    "steps": "optimizer steps to train to (a resumed run continues up to this total)",
+    "lr": "AdamW learning rate",
+    "checkpoint_every": "optimizer steps between checkpoints (0 = only at the end)",
+    "vae_halo": "latents each SP rank encodes before its chunk and drops (>= 27, the VAE encoder's "
+                "receptive field, is exact)",
+    "seed": "seed of the weights, data, noise and timesteps",
 }
+
+
+def _flag_type(name: str) -> tuple[type, Any]:
+    """(type of the --flag, the Literal of its allowed values or None) of TrainConfig field
+    ``name``, from the field's annotation (``int | None`` is int)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(hint) is Literal:
+        return str, hint
+    return next(a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)), None
 
 
 def _flag_help(text: str, kind: Any, default: Any) -> str:
@@ -68,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="YAML file of TrainConfig fields; flags override it (default: none)")
     defaults = TrainConfig().to_dict()
-    for name, (typ, text, kind) in _FLAGS.items():
+    for name, text in _FLAGS.items():
+        typ, kind = _flag_type(name)
         # Allowed values are checked by TrainConfig, so a bad value is a ConfigError naming the field.
         ap.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=None,
                         metavar=typ.__name__.upper() if kind is None else "{" + ",".join(choices(kind)) + "}",
@@ -180,17 +191,8 @@ def train_summary(trainer: Any, history: list) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
-    from impl.errors import Terminated
-    from impl.io import sigterm_as_interrupt
-    try:
-        with sigterm_as_interrupt():   # a kill cleans up as Ctrl-C does
-            return _main(argv)
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from impl.io import run_command
+    return run_command(lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

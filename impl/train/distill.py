@@ -84,17 +84,8 @@ def _teacher_file(path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: user errors are one line and exit 2, Ctrl-C prints "interrupted" and exits 130."""
-    from impl.errors import Terminated
-    from impl.io import sigterm_as_interrupt
-    try:
-        with sigterm_as_interrupt():   # a kill cleans up as Ctrl-C does
-            return _main(argv)
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from impl.io import run_command
+    return run_command(lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

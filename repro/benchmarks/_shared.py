@@ -1,6 +1,8 @@
 """What several benchmarks declare or do the same way: fields taken from the system's typed
-configs (so no benchmark re-types a list of allowed values), and the end of a GPU run (peak
-memory, then freeing what the run allocated before the next variant starts).
+configs (:func:`inference_field`, :func:`train_field`: so no benchmark re-types a list of
+allowed values), the measure fields of a streaming run, a training run and a torchrun launch,
+and the end of a GPU run (peak memory, then freeing what the run allocated before the next
+variant starts).
 
 The leading underscore keeps this module out of the benchmark registry scan.
 """
@@ -14,11 +16,36 @@ from typing import Any
 from impl.config import PRESETS
 from impl.inference.config import FIELD_HELP, InferenceConfig
 from impl.modes import choices
+from impl.train.config import TrainConfig
 from repro.benchmark import FieldSpec
 
 _INFERENCE_FIELDS = {f.name: f for f in dataclasses.fields(InferenceConfig)}
 # Benchmark fields are plain values; these InferenceConfig defaults are None ("the preset's").
 _PLAIN_DEFAULTS = {"steps": 4, "guidance_scale": 1.0}
+# The denoising steps the benchmarks offer (the distilled few-step settings and the 8-step teacher).
+_BENCHMARK_CHOICES = {"steps": [1, 2, 3, 4, 8]}
+
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# As above: TrainConfig's num_layers None ("the preset's depth") is 0 in a benchmark variant.
+_TRAIN_PLAIN_DEFAULTS = {"num_layers": 0}
+TRAIN_FIELD_HELP = {
+    "num_layers": "DiT depth override at the preset's width (0 = the preset's depth)",
+    "frames": "latent frames per clip (teacher forcing doubles the tokens)",
+    "dtype": "compute dtype of the model (the quantized precisions need bf16)",
+    "precision": "format of the block linears (bf16 = not quantized: they run in dtype)",
+    "sp_size": "sequence-parallel ranks",
+    "sp_layout": "balanced: each rank holds the clean and noisy copy of one chunk; naive: a contiguous cut of "
+                 "[clean; noisy]",
+    "attention_backend": "teacher-forcing attention: FlexAttention (CUDA) or a dense mask",
+    "gradient_checkpointing": "per-block activation checkpointing (each block recomputed in backward)",
+    "compile": "torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)",
+    "sharding": "none = replicated parameters, float32 master weights and AdamW; fsdp = FSDP2 shards over all "
+                "ranks. Records without it ran none",
+    "offload": "fsdp: shards, gradients and AdamW state in CPU memory",
+}
+
+# The model sizes the speed benchmarks run (``proxy`` is the quality proxy's own preset).
+SPEED_PRESETS = ["tiny", "small", "wan22_ti2v_5b"]
 
 
 def preset_field(allowed: list[str] | None = None, default: str = "tiny", help: str = "model size preset") -> FieldSpec:
@@ -32,15 +59,42 @@ def inference_field(name: str, **override: Any) -> FieldSpec:
     narrower ``choices`` list for what a benchmark measures, or a different default)."""
     f = _INFERENCE_FIELDS[name]
     default = override.pop("default", _PLAIN_DEFAULTS.get(name, f.default))
+    spec: dict[str, Any] = {"min": 1.0} if name == "guidance_scale" else {}
+    if name in _BENCHMARK_CHOICES:
+        spec["choices"] = list(_BENCHMARK_CHOICES[name])
+    return _config_field(f, default, **{"help": FIELD_HELP[name], **spec, **override})
+
+
+def inference_fields(*names: str) -> dict[str, FieldSpec]:
+    """:func:`inference_field` of each name, in that order: the InferenceConfig knobs a benchmark sweeps."""
+    return {name: inference_field(name) for name in names}
+
+
+def train_field(name: str, **override: Any) -> FieldSpec:
+    """The benchmark field of :class:`TrainConfig` field ``name``, as :func:`inference_field` is
+    of InferenceConfig's: its type, default (``num_layers``: 0 = the preset's depth), allowed
+    values and help; ``override`` replaces any of them."""
+    f = _TRAIN_FIELDS[name]
+    default = override.pop("default", _TRAIN_PLAIN_DEFAULTS.get(name, f.default))
+    spec: dict[str, Any] = {"min": 0} if name == "num_layers" else {}
+    return _config_field(f, default, **{"help": TRAIN_FIELD_HELP[name], **spec, **override})
+
+
+def train_fields(*names: str) -> dict[str, FieldSpec]:
+    """:func:`train_field` of each name, in that order."""
+    return {name: train_field(name) for name in names}
+
+
+def _config_field(f: dataclasses.Field, default: Any, **override: Any) -> FieldSpec:
+    """A config field's FieldSpec: the type of ``default``, the Literal's values as choices,
+    integers >= 1; ``override`` (the help among them) last."""
     kind = {bool: bool, int: int, float: float}.get(type(default), str)
-    spec: dict[str, Any] = {"help": FIELD_HELP[name]}
+    spec: dict[str, Any] = {}
     literal_choices = _literal_choices(f.type)
     if literal_choices:
         spec["choices"] = list(literal_choices)
     if kind is int:
         spec["min"] = 1
-    if name == "guidance_scale":
-        spec["min"] = 1.0
     spec.update(override)
     return FieldSpec(kind, default, **spec)
 
@@ -56,6 +110,25 @@ def _literal_choices(annotation: Any) -> tuple[str, ...] | None:
 
 
 SEED = FieldSpec(int, 0, min=0, help="seed of the weights and inputs")
+STREAM_SEED = FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding")
+TORCHRUN_TIMEOUT = FieldSpec(float, 3600.0, min=1.0, help="limit for the torchrun launch")
+
+
+def stream_fields(min_warmup: int) -> dict[str, FieldSpec]:
+    """The measure fields of one streamed video: warm-up blocks, timed blocks, decode, seed."""
+    return {"warmup_blocks": FieldSpec(int, 4, min=min_warmup, help="blocks generated before timing (fill the KV "
+                                       "window)"),
+            "blocks": FieldSpec(int, 8, min=1, help="timed blocks"),
+            "decode": FieldSpec(bool, True, help="VAE-decode each block (streaming; on the SP root under SP)"),
+            "seed": STREAM_SEED}
+
+
+def step_fields(warmup_steps: int, steps: int, min_warmup: int = 1) -> dict[str, FieldSpec]:
+    """The measure fields of a timed training run: warm-up and timed optimizer steps."""
+    return {"warmup_steps": FieldSpec(int, warmup_steps, min=min_warmup,
+                                      help="untimed optimizer steps first (compilation, allocator, AdamW state)"),
+            "steps": FieldSpec(int, steps, min=1, help="timed optimizer steps (the median step is reported; a "
+                               "measured peak is over them)")}
 
 
 def timing_fields(warmup: int, repeats: int, buffers: int | None = None) -> dict[str, FieldSpec]:

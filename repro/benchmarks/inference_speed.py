@@ -32,7 +32,7 @@ from impl.memory import module_bytes
 from impl.pipeline import BlockTiming
 from impl.quant.apply import block_linear_bytes, resolve_mode
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field, vae_device_for
+from repro.benchmarks._shared import SPEED_PRESETS, finish_gpu_run, inference_fields, preset_field, stream_fields, vae_device_for
 from repro.roofline import measure_peak_rates, roofline_fps
 from repro.stats import is_busy, repeat_summary
 from repro.timing import percentile
@@ -121,27 +121,13 @@ INFERENCE_SPEED = register(Benchmark(
     name="inference_speed",
     description="Streaming block-AR generation FPS (DiT-only and end to end with VAE decode) with random weights.",
     variant_fields={
-        "preset": preset_field(["tiny", "small", "wan22_ti2v_5b"]),
-        "dtype": inference_field("dtype"),
-        "precision": inference_field("precision"),
-        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
-        "kv_cache": inference_field("kv_cache"),
-        "vae_mode": inference_field("vae_mode"),
-        "decoder": inference_field("decoder"),
-        "vae_channels_last": inference_field("vae_channels_last"),
-        "vae_compile": inference_field("vae_compile"),
-        "attention": inference_field("attention"),
-        "bf16_attention_steps": inference_field("bf16_attention_steps"),
-        "frame_format": inference_field("frame_format"),
-        "compile": inference_field("compile"),
-        "cuda_graphs": inference_field("cuda_graphs"),
-        "guidance_scale": inference_field("guidance_scale"),
+        "preset": preset_field(SPEED_PRESETS),
+        **inference_fields("dtype", "precision", "steps", "kv_cache", "vae_mode", "decoder", "vae_channels_last",
+                           "vae_compile", "attention", "bf16_attention_steps", "frame_format", "compile",
+                           "cuda_graphs", "guidance_scale"),
     },
     measure_fields={
-        "warmup_blocks": FieldSpec(int, 4, min=1, help="blocks generated before timing (fills the KV window)"),
-        "blocks": FieldSpec(int, 8, min=1, help="timed blocks"),
-        "decode": FieldSpec(bool, True, help="decode each block with the streaming VAE"),
-        "seed": FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding"),
+        **stream_fields(min_warmup=1),   # the first timed block's end-to-end clock starts at a warm-up block's end
         "repeats": FieldSpec(int, 3, min=1, help="videos generated and timed (each with its warm-up); figures "
                              "are medians over them, with _min/_max and a busy flag from their spread"),
     },

@@ -30,7 +30,7 @@ from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
 from impl.modes import SwitchMode, choices
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import finish_gpu_run, inference_field, preset_field, vae_device_for
+from repro.benchmarks._shared import SPEED_PRESETS, STREAM_SEED, finish_gpu_run, inference_fields, preset_field, vae_device_for
 
 PROMPTS = ("a red fox runs through fresh snow", "a grey owl glides over a frozen lake",
            "a lighthouse on a cliff in a storm", "a paper boat drifts down a rainy street")
@@ -102,14 +102,8 @@ INTERACTIVE = register(Benchmark(
     description="Live-session latency: time to first frame, prompt-switch latency with and without the KV "
                 "re-cache (and scene cuts), re-cache cost, FPS during switches; per decoder and precision.",
     variant_fields={
-        "preset": preset_field(["tiny", "small", "wan22_ti2v_5b"]),
-        "dtype": inference_field("dtype"),
-        "precision": inference_field("precision"),
-        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
-        "kv_cache": inference_field("kv_cache"),
-        "decoder": inference_field("decoder"),
-        "vae_mode": inference_field("vae_mode"),
-        "compile": inference_field("compile"),
+        "preset": preset_field(SPEED_PRESETS),
+        **inference_fields("dtype", "precision", "steps", "kv_cache", "decoder", "vae_mode", "compile"),
         "switch": FieldSpec(str, "recache", choices=list(choices(SwitchMode)),
                             help="kind of prompt switch: continuous with KV re-cache, continuous without, scene cut"),
     },
@@ -117,7 +111,7 @@ INTERACTIVE = register(Benchmark(
         "warmup_blocks": FieldSpec(int, 4, min=0, help="blocks after the first one, before the first switch"),
         "switches": FieldSpec(int, 4, min=1, help="prompt switches timed"),
         "blocks_per_switch": FieldSpec(int, 2, min=1, help="blocks from one switch to the next"),
-        "seed": FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding"),
+        "seed": STREAM_SEED,
     },
     run=run_interactive,
     check_variant=_check,

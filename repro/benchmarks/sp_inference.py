@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from impl.inference.config import InferenceConfig
-from repro.benchmark import Benchmark, FieldSpec, register
-from repro.benchmarks._shared import inference_field, preset_field
+from repro.benchmark import Benchmark, register
+from repro.benchmarks._shared import SPEED_PRESETS, TORCHRUN_TIMEOUT, inference_field, inference_fields, preset_field, stream_fields
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
 
@@ -70,21 +70,13 @@ SP_INFERENCE = register(Benchmark(
                  "CPU), DiT-only and end-to-end FPS on the SP root, bytes per block sent by each rank "
                  "(BF16 vs NVFP4 K/V exchange) against the analytic count, KV memory per rank."),
     variant_fields={
-        "preset": preset_field(["tiny", "small", "wan22_ti2v_5b"]),
+        "preset": preset_field(SPEED_PRESETS),
         "sp_size": inference_field("sp_size", max=64, help="SP ranks = GPUs used (one SP group)"),
-        "kv_cache": inference_field("kv_cache"),
-        "kv_comm": inference_field("kv_comm"),
-        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
-        "dtype": inference_field("dtype"),
-        "precision": inference_field("precision"),
-        "compile": inference_field("compile"),
+        **inference_fields("kv_cache", "kv_comm", "steps", "dtype", "precision", "compile"),
     },
     measure_fields={
-        "warmup_blocks": FieldSpec(int, 4, min=0, help="blocks before timing (fill the KV window)"),
-        "blocks": FieldSpec(int, 8, min=1, help="timed blocks"),
-        "decode": FieldSpec(bool, True, help="VAE-decode each block on the SP root"),
-        "seed": FieldSpec(int, 0, min=0, help="seed of weights, noise and text embedding"),
-        "timeout_s": FieldSpec(float, 3600.0, min=1.0, help="limit for the torchrun launch"),
+        **stream_fields(min_warmup=0),
+        "timeout_s": TORCHRUN_TIMEOUT,
     },
     run=run_sp_inference,
     check_variant=_check,

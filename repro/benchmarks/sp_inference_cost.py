@@ -46,30 +46,18 @@ plus a float32 per (layer, slot)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from impl.inference.config import InferenceConfig
 from impl.parallel.sp_exchange import block_bytes
 from impl.inference.sp import config_block_bytes
-from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmark import Benchmark, register
 from repro.benchmarks._shared import inference_field, preset_field
-from repro.roofline import H100_RATE_FIELDS, analytic_label, block_flops
+from repro.benchmarks._rates import Rates, analytic_label, rate_fields
+from repro.roofline import block_flops
 
 BF16 = 2
 ROWS_REF = (168960, 675840)     # rows of the nvfp4_kernels H100 records (one and four 5B blocks of K)
-
-
-@dataclass(frozen=True)
-class Rates:
-    gemm_tflops: float = 750.0
-    attn_tflops: float = 650.0
-    compute_efficiency: float = 0.8
-    link_gbps: float = 450.0
-    latency_us: float = 20.0
-    vae_block_ms: float = 1660.0
-    quantize_ms: tuple[float, float] = (0.313, 0.512)     # at ROWS_REF rows
-    decode_ms: tuple[float, float] = (0.0806, 0.151)
 
 
 def _kernel_ms(rows: float, at_ref: tuple[float, float]) -> float:
@@ -105,7 +93,8 @@ def inference_cost(preset_name: str, sp: int, kv_cache: str, steps: int, *, kv_c
     quant_ms = 0.0
     if exchange == "nvfp4" and sp > 1:
         rows = cfg_batch * dit.num_heads * p.tokens_per_block / sp
-        per_layer = 2 * (_kernel_ms(rows, rates.quantize_ms) + _kernel_ms(rows, rates.decode_ms))
+        per_layer = 2 * (_kernel_ms(rows, (rates.quantize_ms_1blk, rates.quantize_ms_4blk))
+                         + _kernel_ms(rows, (rates.decode_ms_1blk, rates.decode_ms_4blk)))
         quant_ms = forwards * dit.num_layers * per_layer
 
     dit_ms = compute_ms + comm_ms + quant_ms
@@ -144,12 +133,7 @@ def inference_cost(preset_name: str, sp: int, kv_cache: str, steps: int, *, kv_c
 
 def run_sp_inference_cost(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     check_variant(variant)
-    rates = Rates(gemm_tflops=measure["gemm_tflops"], attn_tflops=measure["attn_tflops"],
-                  compute_efficiency=measure["compute_efficiency"], link_gbps=measure["link_gbps"],
-                  latency_us=measure["latency_us"], vae_block_ms=measure["vae_block_ms"],
-                  quantize_ms=(measure["quantize_ms_1blk"], measure["quantize_ms_4blk"]),
-                  decode_ms=(measure["decode_ms_1blk"], measure["decode_ms_4blk"]))
-    kw = dict(kv_comm=variant["kv_comm"], guidance_scale=variant["guidance_scale"], rates=rates)
+    kw = dict(kv_comm=variant["kv_comm"], guidance_scale=variant["guidance_scale"], rates=Rates.from_measure(measure))
     m = inference_cost(variant["preset"], variant["sp_size"], variant["kv_cache"], variant["steps"], **kw)
     one = inference_cost(variant["preset"], 1, variant["kv_cache"], variant["steps"], **kw)
     m["est_speedup_vs_sp1"] = one["est_dit_block_ms"] / m["est_dit_block_ms"]
@@ -158,9 +142,8 @@ def run_sp_inference_cost(variant: dict[str, Any], measure: dict[str, Any], hard
 
 def _source_label(record: dict[str, Any]) -> str:
     """The tables' and plots' name for these records: an analytic model and its rates."""
-    return analytic_label(record, SP_INFERENCE_COST.measure_fields,
-                          "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s at {compute_efficiency} efficiency, "
-                          "link {link_gbps} GB/s, VAE decode {vae_block_ms} ms per block")
+    return analytic_label(record, "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s at {compute_efficiency} efficiency, "
+                                  "link {link_gbps} GB/s, VAE decode {vae_block_ms} ms per block")
 
 
 SP_INFERENCE_COST = register(Benchmark(
@@ -175,23 +158,12 @@ SP_INFERENCE_COST = register(Benchmark(
         "sp_size": inference_field("sp_size", help="SP ranks (must divide the heads and the block's tokens)"),
         "kv_cache": inference_field("kv_cache"),
         "kv_comm": inference_field("kv_comm"),
-        "steps": inference_field("steps", choices=[1, 2, 3, 4, 8]),
+        "steps": inference_field("steps"),
         "guidance_scale": inference_field("guidance_scale", help="CFG scale; > 1 doubles the batch"),
     },
-    measure_fields={
-        **H100_RATE_FIELDS,
-        "compute_efficiency": FieldSpec(float, 0.8, min=1e-3, max=1.0,
-                                        help="fraction of the roofline reached; 0.8 ~ the compiled BF16 one-GPU "
-                                             "runs on our H100 (results/inference_speed: 0.81)"),
-        "latency_us": FieldSpec(float, 20.0, min=0.0, help="fixed cost per collective (nominal NCCL on NVLink)"),
-        "vae_block_ms": FieldSpec(float, 1660.0, min=0.0,
-                                  help="VAE decode per block on the SP root (measured on our H100, "
-                                       "results/inference_speed vae_block_ms_p50)"),
-        "quantize_ms_1blk": FieldSpec(float, 0.313, min=0.0, help="NVFP4 quantize (mse) of 168960 x 128, H100 record"),
-        "quantize_ms_4blk": FieldSpec(float, 0.512, min=0.0, help="NVFP4 quantize (mse) of 675840 x 128, H100 record"),
-        "decode_ms_1blk": FieldSpec(float, 0.0806, min=0.0, help="dequantize_kv of 168960 x 128, H100 record"),
-        "decode_ms_4blk": FieldSpec(float, 0.151, min=0.0, help="dequantize_kv of 675840 x 128, H100 record"),
-    },
+    measure_fields=rate_fields("gemm_tflops", "attn_tflops", "link_gbps", "compute_efficiency", "latency_us",
+                               "vae_block_ms", "quantize_ms_1blk", "quantize_ms_4blk", "decode_ms_1blk",
+                               "decode_ms_4blk"),
     run=run_sp_inference_cost,
     check_variant=check_variant,
     table_metrics=["tokens_per_rank", "comm_bytes_per_block", "comm_kv_bytes_per_block", "kv_comm_ratio",

@@ -26,8 +26,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from impl.modes import DType, Sharding, SPLayout, TrainPrecision, choices
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import (SPEED_PRESETS, TORCHRUN_TIMEOUT, preset_field, step_fields, train_field,
+                                      train_fields)
 from repro.torchrun import run_torchrun, torchrun_env, torchrun_prefix
 
 
@@ -97,30 +98,22 @@ SP_TRAINING = register(Benchmark(
                  "with sp_size ranks (NCCL on GPUs, gloo on CPU), random weights, step time, clip tokens/s and "
                  "the peak memory of the fullest and emptiest rank."),
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model size preset"),
-        "num_layers": FieldSpec(int, 0, min=0, help="DiT depth override at full width (0 = the preset's)"),
-        "sp_size": FieldSpec(int, 1, min=1, max=64, help="SP ranks = GPUs used (one SP group)"),
-        "sp_layout": FieldSpec(str, "balanced", choices=list(choices(SPLayout)),
-                               help="balanced: each rank holds the clean and noisy copy of one chunk"),
-        "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (whole blocks per rank)"),
-        "dtype": FieldSpec(str, "bf16", choices=list(choices(DType)),
-                           help="compute dtype of the model, VAE and text encoder (the quantized precisions need bf16)"),
-        "precision": FieldSpec(str, "bf16", choices=list(choices(TrainPrecision)),
-                               help="format of the block linears (bf16 = not quantized: they run in dtype)"),
+        "preset": preset_field(SPEED_PRESETS),
+        "num_layers": train_field("num_layers"),
+        "sp_size": train_field("sp_size", max=64, help="SP ranks = GPUs used (one SP group)"),
+        "sp_layout": train_field("sp_layout"),
+        "frames": train_field("frames", help="latent frames per clip (whole blocks per rank)"),
+        "dtype": train_field("dtype", help="compute dtype of the model, VAE and text encoder (the quantized "
+                                           "precisions need bf16)"),
+        "precision": train_field("precision"),
         "data": FieldSpec(str, "latents", choices=["latents", "video"],
                           help="latents: DiT step alone; video: the SP VAE encode is part of the step"),
-        "gradient_checkpointing": FieldSpec(bool, True, help="per-block activation checkpointing"),
-        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves"),
-        "sharding": FieldSpec(str, "none", choices=list(choices(Sharding)),
-                              help="none = replicated parameters and AdamW; fsdp = FSDP2 shards over all ranks. "
-                                   "Records without it ran none"),
-        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in CPU memory"),
+        **train_fields("gradient_checkpointing", "compile", "sharding", "offload"),
     },
     measure_fields={
-        "warmup_steps": FieldSpec(int, 2, min=0, help="optimizer steps before timing (compilation, allocator)"),
-        "steps": FieldSpec(int, 5, min=1, help="timed optimizer steps"),
+        **step_fields(warmup_steps=2, steps=5, min_warmup=0),
         "seed": FieldSpec(int, 0, min=0, help="seed of weights and data"),
-        "timeout_s": FieldSpec(float, 3600.0, min=1.0, help="limit for the torchrun launch"),
+        "timeout_s": TORCHRUN_TIMEOUT,
     },
     run=run_sp_training,
     check_variant=_check,

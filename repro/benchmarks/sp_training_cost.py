@@ -96,7 +96,6 @@ per 4-frame chunk, so ``vae_encode_ms_per_frame`` (reported) = 9.8 ms per raw fr
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 from impl.config import PRESETS, Preset, get_preset
@@ -105,7 +104,8 @@ from impl.modes import SPLayout, choices
 from impl.parallel.layout import TeacherForcingLayout, attention_density
 from impl.parallel.sp_vae_encode import window_table
 from repro.benchmark import Benchmark, FieldSpec, register
-from repro.roofline import H100_RATE_FIELDS, analytic_label
+from repro.benchmarks._rates import Rates, analytic_label, rate_fields
+from repro.benchmarks._shared import preset_field
 
 BF16 = 2  # bytes per element
 
@@ -177,20 +177,6 @@ def vae_window_flops(preset_name: str, raw_frames: int) -> float:
 
 
 # ------------------------------------------------------------------ the cost model
-
-
-VAE_ENCODE_RATE_FIELD = FieldSpec(
-    float, 322.0, min=1e-6,
-    help="VAE encode rate, TFLOP/s: assumed equal to the full Wan2.2 VAE decoder's measured on our H100 "
-         "(results/vae_decode, BF16 eager: 322); no encode was timed")
-
-
-@dataclass(frozen=True)
-class Rates:
-    gemm_tflops: float = 750.0
-    attn_tflops: float = 650.0
-    link_gbps: float = 450.0
-    vae_encode_tflops: float = VAE_ENCODE_RATE_FIELD.default
 
 
 def check_variant(variant: dict[str, Any]) -> None:
@@ -312,16 +298,13 @@ def training_cost(preset_name: str, frames: int, sp_size: int, sp_layout: str, *
 
 def _source_label(record: dict[str, Any]) -> str:
     """The tables' and plots' name for these records: an analytic model and its rates."""
-    fields = dict(H100_RATE_FIELDS, vae_encode_tflops=VAE_ENCODE_RATE_FIELD)
-    return analytic_label(record, fields, "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s, link {link_gbps} "
-                                          "GB/s, VAE encode {vae_encode_tflops} TFLOP/s")
+    return analytic_label(record, "GEMM {gemm_tflops} / attention {attn_tflops} TFLOP/s, link {link_gbps} GB/s, "
+                                  "VAE encode {vae_encode_tflops} TFLOP/s")
 
 
 def run_sp_training_cost(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
     check_variant(variant)
-    rates = Rates(gemm_tflops=measure["gemm_tflops"], attn_tflops=measure["attn_tflops"],
-                  link_gbps=measure["link_gbps"], vae_encode_tflops=measure["vae_encode_tflops"])
-    kw = dict(halo=variant["halo"], rates=rates)
+    kw = dict(halo=variant["halo"], rates=Rates.from_measure(measure))
     args = (variant["preset"], variant["frames"], variant["sp_size"])
     metrics = training_cost(*args, variant["sp_layout"], **kw)
     sp = variant["sp_size"]
@@ -344,7 +327,7 @@ SP_TRAINING_COST = register(Benchmark(
                  "H100 rate, an assumption). "
                  "Not measured: see repro/benchmarks/sp_training_cost.py for the formulas."),
     variant_fields={
-        "preset": FieldSpec(str, "wan22_ti2v_5b", choices=sorted(PRESETS), help="model size preset"),
+        "preset": preset_field(default="wan22_ti2v_5b"),
         "frames": FieldSpec(int, 96, min=1, help="latent frames F (multiple of sp_size * frames_per_block)"),
         "sp_size": FieldSpec(int, 4, min=1, help="sequence-parallel ranks (must divide the head count)"),
         "sp_layout": FieldSpec(str, "balanced", choices=list(choices(SPLayout)),
@@ -352,7 +335,7 @@ SP_TRAINING_COST = register(Benchmark(
                                     "cut of [clean; noisy] (sp_size 1 or even)"),
         "halo": FieldSpec(int, 28, min=0, help="balanced VAE halo in latents (exact from 27)"),
     },
-    measure_fields=dict(H100_RATE_FIELDS, vae_encode_tflops=VAE_ENCODE_RATE_FIELD),
+    measure_fields=rate_fields("gemm_tflops", "attn_tflops", "link_gbps", "vae_encode_tflops"),
     run=run_sp_training_cost,
     check_variant=check_variant,
     table_metrics=["tokens_per_rank", "gemm_tflop_per_rank", "attn_tflop_per_rank", "vae_raw_frames_max_rank",

@@ -18,83 +18,52 @@ elementwise, ...) with :mod:`repro.profile`'s categories.
 
 from __future__ import annotations
 
-import gc
 import statistics
 from typing import Any
 
 import torch
 
-from impl.config import get_preset
-from impl.modes import DType, Sharding, TrainAttention, TrainPrecision, choices
-from impl.train.config import TrainConfig
-from impl.train.synthetic import SyntheticLatentSource
-from impl.train.trainer import Trainer
 from repro.benchmark import Benchmark, FieldSpec, register
+from repro.benchmarks._shared import SEED, SPEED_PRESETS, preset_field, step_fields, train_field, train_fields
+from repro.benchmarks._one_rank import StepRun, one_rank_steps, train_config
 
 
 def _check(variant: dict[str, Any]) -> None:
     """Spec-time check of the fields TrainConfig validates together (quantized formats need
-    bf16, offload needs fsdp)."""
-    TrainConfig(preset=variant["preset"], dtype=variant["dtype"], precision=variant["precision"],
-                sharding=variant["sharding"], offload=variant["offload"])
+    bf16, offload needs fsdp, whole blocks of frames)."""
+    train_config(variant, seed=0)
 
 
-def _profile_step(trainer: Trainer, source, sampler, device: torch.device) -> dict[str, float]:
+def _profile_step(run: StepRun, device: torch.device) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     from repro.profile import kernel_times_ms, phase_times_ms
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        trainer.train_step(source, sampler)
+        run.step()
     phases = phase_times_ms(kernel_times_ms(prof, device.type))
     total = sum(phases.values()) or 1.0
     return {f"{name}_share": ms / total for name, ms in phases.items()}
 
 
 def run_train_step(variant: dict[str, Any], measure: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
-    from impl.train.sampler import ShardedSampler
-
     device = torch.device(hardware["device"])
-    preset = get_preset(variant["preset"])
-    layers = variant["num_layers"] or None
-    cfg = TrainConfig(preset=variant["preset"], num_layers=layers, frames=variant["frames"],
-                      dtype=variant["dtype"], precision=variant["precision"], gradient_checkpointing=variant["gradient_checkpointing"],
-                      compile=variant["compile"],
-                      attention_backend=variant["attention_backend"], sharding=variant["sharding"],
-                      offload=variant["offload"], steps=10**9, ema_start_step=None, seed=measure["seed"])
-    if cfg.sharding == "fsdp":
-        from impl.parallel.groups import init_single_rank_group
-        init_single_rank_group(device)   # FSDP shards over a device mesh, here a world of one
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(cfg, device=device)
-    h, w = preset.latent_hw
-    source = SyntheticLatentSource(preset.dit.in_channels, cfg.frames, h, w, preset.text.max_length,
-                                   preset.dit.text_dim, frames_per_block=preset.stream.frames_per_block,
-                                   length=4, seed=measure["seed"])
-    sampler = ShardedSampler(len(source), 0, 1, seed=measure["seed"])
-    for _ in range(measure["warmup_steps"]):
-        trainer.train_step(source, sampler)
-    stats = [trainer.train_step(source, sampler) for _ in range(measure["steps"])]
-    step_s = statistics.median(s.step_s for s in stats)
-    metrics: dict[str, Any] = {
-        "step_s": step_s,
-        "tokens_per_s": stats[0].tokens / step_s,
-        "tokens_per_step": stats[0].tokens,
-        "num_layers": trainer.model.cfg.num_layers,
-        "params_b": sum(p.numel() for p in trainer.model.parameters()) / 1e9,
-        "loss": stats[-1].loss,
-    }
-    if device.type == "cuda":
-        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    if measure["profile"]:
-        metrics.update(_profile_step(trainer, source, sampler, device))
-    del trainer, source
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    with one_rank_steps(variant, measure, device) as run:
+        stats = run.stats
+        step_s = statistics.median(s.step_s for s in stats)
+        metrics: dict[str, Any] = {
+            "step_s": step_s,
+            "tokens_per_s": stats[0].tokens / step_s,
+            "tokens_per_step": stats[0].tokens,
+            "num_layers": run.trainer.model.cfg.num_layers,
+            "params_b": sum(p.numel() for p in run.trainer.model.parameters()) / 1e9,
+            "loss": stats[-1].loss,
+        }
+        if run.peak_bytes is not None:   # CUDA: the whole run's peak, the trainer's build included
+            metrics["peak_mem_gb"] = max(run.peak_bytes, run.warmup_peak_bytes) / 1e9
+        if measure["profile"]:
+            metrics.update(_profile_step(run, device))
     return metrics
 
 
@@ -102,27 +71,17 @@ TRAIN_STEP = register(Benchmark(
     name="train_step",
     description="Teacher-forcing AR training step (one rank, synthetic latents): time, tokens/s, memory, GEMM share.",
     variant_fields={
-        "preset": FieldSpec(str, "tiny", choices=["tiny", "small", "wan22_ti2v_5b"], help="model width preset"),
-        "num_layers": FieldSpec(int, 0, min=0, help="depth override (0 = the preset's depth)"),
-        "dtype": FieldSpec(str, "bf16", choices=list(choices(DType)),
-                           help="compute dtype of the model (the quantized precisions need bf16)"),
-        "precision": FieldSpec(str, "bf16", choices=list(choices(TrainPrecision)),
-                               help="format of the block linears (bf16 = not quantized: they run in dtype)"),
-        "frames": FieldSpec(int, 8, min=1, help="latent frames per clip (teacher forcing doubles the tokens)"),
-        "gradient_checkpointing": FieldSpec(bool, True, help="recompute each block in backward"),
-        "compile": FieldSpec(bool, False, help="torch.compile the blocks' pure halves (CausalWanDiT.compile_hot_path)"),
-        "attention_backend": FieldSpec(str, "auto", choices=list(choices(TrainAttention)),
-                                       help="teacher-forcing attention: FlexAttention (CUDA) or a dense mask"),
-        "sharding": FieldSpec(str, "none", choices=list(choices(Sharding)),
-                              help="none = replicated float32 master + AdamW beside BF16 params; fsdp = FSDP2 "
-                                   "shards (a world of one here). Records without it ran none"),
-        "offload": FieldSpec(bool, False, help="fsdp: shards, gradients and AdamW state in CPU memory"),
+        "preset": preset_field(SPEED_PRESETS, help="model width preset"),
+        **train_fields("num_layers", "dtype", "precision", "frames", "gradient_checkpointing", "compile",
+                       "attention_backend"),
+        "sharding": train_field("sharding", help="none = replicated float32 master + AdamW beside BF16 params; "
+                                                 "fsdp = FSDP2 shards (a world of one here). Records without it ran none"),
+        "offload": train_field("offload"),
     },
     measure_fields={
-        "warmup_steps": FieldSpec(int, 1, min=1, help="untimed steps (compilation, allocator warm-up)"),
-        "steps": FieldSpec(int, 3, min=1, help="timed optimizer steps (median reported)"),
+        **step_fields(warmup_steps=1, steps=3),
         "profile": FieldSpec(bool, True, help="profile one extra step for the per-phase time shares"),
-        "seed": FieldSpec(int, 0, min=0),
+        "seed": SEED,
     },
     run=run_train_step,
     check_variant=_check,
