@@ -7,6 +7,7 @@ import torch
 
 from _bench import TARGETS, check, run_benchmark
 from impl.config import get_preset
+from impl.model.attention import CachedBlock
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import KVCache
 
@@ -39,11 +40,13 @@ def test_dit_block_with_kv_cache(benchmark, target, storage):
         plan = None
         for b in range(cache.num_slots):       # fill the window: the timed call attends all of it
             plan = cache.begin_block(b)
-            block(x, temb6, context.kv[0], cos, sin, cache=cache, layer=0, plan=plan, mask=None)
+            block(x, temb6, context.kv[0], cos, sin, call=CachedBlock(cache, plan), layer=0)
+
+    call = CachedBlock(cache, plan)
 
     def forward():
         with torch.no_grad():
-            return block(x, temb6, context.kv[0], cos, sin, cache=cache, layer=0, plan=plan, mask=None)
+            return block(x, temb6, context.kv[0], cos, sin, call=call, layer=0)
 
     y = run_benchmark(benchmark, target, forward, group="dit-block", storage=storage, tokens=tuple(x.shape),
                       attend_tokens=plan.attend_len, dim=c.dim)

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from impl.inference.config import InferenceConfig
-from impl.model.attention import SequenceParallel, TextContext
+from impl.model.attention import CachedBlock, SequenceParallel, TextContext
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BlockPlan, KVCache
 from impl.modes import SwitchMode, check_choice
@@ -132,7 +132,7 @@ class StreamingPipeline:
         ts = torch.full((inp.shape[0], f), float(t), device=self.device)
         if held:
             ts[:, :held] = 0.0
-        out = self.model(inp.to(self.model.dtype), ts, ctx, frame_positions=pos, cache=cache, plan=plan, sp=self.sp)
+        out = self.model(inp.to(self.model.dtype), ts, ctx, frame_positions=pos, call=CachedBlock(cache, plan, self.sp))
         if cfg_scale > 1.0:
             cond, uncond = out.float().chunk(2)
             return uncond + cfg_scale * (cond - uncond)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from impl.config import ConfigError, get_preset
+from impl.model.attention import FullSequence
 from impl.model.checkpoint import CheckpointError, load_dit_weights
 from impl.model.dit import CausalWanDiT
 from impl.parallel.attention import teacher_forcing_core
@@ -324,7 +325,7 @@ def test_activation_model_equals_what_the_forward_leaves_alive(preset_name, fram
     with meter:   # the loss builds the model's latents and picks each block's prompt: both copies
         x, text = latents * 1, text_all[:, list(range(groups))]
         out = model(x, timesteps, model.encode_text(text), frame_positions=torch.tensor(local),
-                    attention=_FlashLike.apply)
+                    call=FullSequence(_FlashLike.apply))
         del x, text
         saved = meter.live() - out.untyped_storage().nbytes()
     assert saved == activation_terms(preset, frames, 1, dit.num_layers, checkpointing)["saved"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from impl.config import ConfigError, StreamConfig, get_preset
+from impl.model.attention import CachedBlock
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import BF16Store, KVCache, NVFP4Slots, NVFP4Store, kv_amax, quantize_kv
 from impl.quant import nvfp4
@@ -106,9 +107,9 @@ def test_cached_generation_with_nvfp4_kv_stays_close_to_bf16():
             x = torch.randn(1, p.dit.in_channels, fpb, *p.latent_hw, generator=g)
             pos = torch.arange(fpb) + b * fpb
             with torch.no_grad():
-                y = model(x, torch.full((1, fpb), 700.0), ctx, frame_positions=pos, cache=c,
-                          plan=plan.attention_only())
-                model(x, torch.zeros(1, fpb), ctx, frame_positions=pos, cache=c, plan=plan)
+                y = model(x, torch.full((1, fpb), 700.0), ctx, frame_positions=pos,
+                          call=CachedBlock(c, plan.attention_only()))
+                model(x, torch.zeros(1, fpb), ctx, frame_positions=pos, call=CachedBlock(c, plan))
             res.append(y)
         outs[storage] = torch.cat(res, dim=2)
     assert torch.equal(outs["bf16"][:, :, :2], outs["nvfp4"][:, :, :2])   # block 0 has no history

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from impl.config import get_preset
+from impl.model.attention import CachedBlock, FullSequence
 from impl.model.dit import CausalWanDiT
 from impl.model.kv_cache import KVCache
 from impl.model.masks import block_visibility_mask
@@ -41,8 +42,9 @@ def run_cached(model, preset, x, t, contexts, positions, shot_starts=(), noisy_f
         plan = cache.begin_block(b, shot_start=b == 0 or b in shot_starts)
         if noisy_first:
             model(torch.randn_like(x[:, :, sl]), t[:, sl] * 0.5, contexts[b], frame_positions=positions[sl],
-                  cache=cache, plan=plan)
-        outs.append(model(x[:, :, sl], t[:, sl], contexts[b], frame_positions=positions[sl], cache=cache, plan=plan))
+                  call=CachedBlock(cache, plan))
+        outs.append(model(x[:, :, sl], t[:, sl], contexts[b], frame_positions=positions[sl],
+                          call=CachedBlock(cache, plan)))
         resident.append(cache.resident_blocks())
     return torch.cat(outs, dim=2), resident
 
@@ -68,7 +70,7 @@ def test_cached_blocks_equal_full_block_causal_forward(tiny):
     preset = preset.replace(stream={"kv_window_frames": 12})  # 6 slots: nothing evicted over 5 blocks
     x, t, text = inputs(preset, 5)
     ctx = model.encode_text(text)
-    full = model(x, t, ctx, mask=block_visibility_mask(5, preset.tokens_per_block))
+    full = model(x, t, ctx, call=FullSequence.masked(block_visibility_mask(5, preset.tokens_per_block)))
     cached, resident = run_cached(model, preset, x, t, [ctx] * 5, torch.arange(x.shape[2]))
     assert resident[-1] == [0, 1, 2, 3, 4]
     torch.testing.assert_close(cached, full, rtol=1e-12, atol=1e-12)
@@ -82,7 +84,7 @@ def test_cached_with_eviction_sink_and_shot_pins_equals_masked_forward(tiny):
     cached, resident = run_cached(model, preset, x, t, [ctx] * nb, torch.arange(x.shape[2]), shot_starts=shots)
     assert resident[4] == [0, 2, 3, 4] and resident[8] == [0, 6, 7, 8]
     mask = block_visibility_mask(nb, preset.tokens_per_block, visible=lambda i: resident[i])
-    full = model(x, t, ctx, mask=mask)
+    full = model(x, t, ctx, call=FullSequence.masked(mask))
     torch.testing.assert_close(cached, full, rtol=1e-12, atol=1e-12)
 
 
@@ -104,12 +106,12 @@ def test_per_block_prompts_in_one_forward_equal_cached_prompts(tiny):
     preset = preset.replace(stream={"kv_window_frames": 12})
     nb = 3
     x, t, text = inputs(preset, nb, text_groups=nb)
-    full = model(x, t, text, mask=block_visibility_mask(nb, preset.tokens_per_block))
+    full = model(x, t, text, call=FullSequence.masked(block_visibility_mask(nb, preset.tokens_per_block)))
     contexts = [model.encode_text(text[:, i]) for i in range(nb)]
     cached, _ = run_cached(model, preset, x, t, contexts, torch.arange(x.shape[2]))
     torch.testing.assert_close(cached, full, rtol=1e-12, atol=1e-12)
     # And the prompts really matter: one prompt for every block gives another result.
-    single = model(x, t, text[:, 0], mask=block_visibility_mask(nb, preset.tokens_per_block))
+    single = model(x, t, text[:, 0], call=FullSequence.masked(block_visibility_mask(nb, preset.tokens_per_block)))
     assert (single - full).abs().max() > 1e-6
 
 
@@ -125,10 +127,10 @@ def test_shot_rope_offset_shifts_temporal_positions(tiny):
     # ... but a gap between blocks is not.
     x2, t2, _ = inputs(preset, 2)
     f = x2.shape[2]
-    mask = block_visibility_mask(2, preset.tokens_per_block)
+    mask = FullSequence.masked(block_visibility_mask(2, preset.tokens_per_block))
     pos = torch.arange(f)
     gap = pos + torch.where(pos >= f // 2, preset.stream.shot_rope_offset, 0)
-    assert (model(x2, t2, text, mask=mask) - model(x2, t2, text, frame_positions=gap, mask=mask)).abs().max() > 1e-6
+    assert (model(x2, t2, text, call=mask) - model(x2, t2, text, frame_positions=gap, call=mask)).abs().max() > 1e-6
 
 
 def test_bad_inputs_give_clear_errors(tiny):
@@ -176,7 +178,7 @@ def test_compiled_hot_path_matches_eager_and_compiles_once():
             x = torch.randn(1, preset.dit.in_channels, fpb, *preset.latent_hw, generator=g)
             with torch.no_grad():
                 outs.append(m(x, torch.full((1, fpb), 700.0), ctx, frame_positions=torch.arange(fpb) + b * fpb,
-                              cache=cache, plan=cache.begin_block(b)))
+                              call=CachedBlock(cache, cache.begin_block(b))))
         return torch.cat(outs, 2)
 
     ref = stream(model)

@@ -43,7 +43,7 @@ def test_multi_shot_video_to_mp4_with_offsets_pins_and_timings(parts, tmp_path):
     original = pipe.model.forward
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["plan"].block, kwargs["frame_positions"].tolist()))
+        seen.append((kwargs["call"].plan.block, kwargs["frame_positions"].tolist()))
         return original(*args, **kwargs)
 
     pipe.model.forward = spy

@@ -16,6 +16,7 @@ from dist_harness import run_distributed
 from impl.errors import ConfigError
 from impl.inference.build import Weights, build_pipeline
 from impl.inference.config import InferenceConfig
+from impl.model.attention import CachedBlock
 from impl.model.kv_cache import KVCache
 from impl.model.vae import StreamingDecoder, encode_video
 from impl.pipeline import shot_prompts
@@ -126,7 +127,8 @@ def _reference_recache(pipe, resident: dict, prompt: str, storage: str, guidance
         x, pos = resident[block]
         plan = ref.begin_block(i)
         inp = torch.cat([x, x]) if guidance > 1.0 else x
-        pipe.model(inp, torch.zeros(inp.shape[0], x.shape[2]), ctx, frame_positions=pos, cache=ref, plan=plan)
+        pipe.model(inp, torch.zeros(inp.shape[0], x.shape[2]), ctx, frame_positions=pos,
+                   call=CachedBlock(ref, plan))
         out[block] = _slot_state(ref, i)
     return out
 
@@ -176,7 +178,7 @@ def test_image_to_video_holds_frame_zero_clean(pipe, dit_only):
     forward = pipe.model.forward
 
     def spy(x, ts, *args, **kwargs):
-        if kwargs["plan"].block == 0:
+        if kwargs["call"].plan.block == 0:
             seen.append((ts.clone(), x[:, :, 0].clone()))
         return forward(x, ts, *args, **kwargs)
 

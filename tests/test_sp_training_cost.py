@@ -178,6 +178,7 @@ def test_invalid_variants_raise_clear_errors(kw, match):
 def test_layer_activation_accounting_matches_saved_tensors():
     """The per-token byte accounting equals what autograd saves for one CausalWanBlock
     (BF16, flash-style attention core keeping q, k, v, o and the log-sum-exp)."""
+    from impl.model.attention import FullSequence
     from impl.model.dit import CausalWanDiT
 
     class _FlashLike(torch.autograd.Function):
@@ -213,8 +214,7 @@ def test_layer_activation_accounting_matches_saved_tensors():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.blocks[0](x, temb6, kv, cos, sin, cache=None, layer=0, plan=None, mask=None,
-                            core=_FlashLike.apply)
+            model.blocks[0](x, temb6, kv, cos, sin, call=FullSequence(_FlashLike.apply), layer=0)
         per_token = (4 * sc.ACT_FP32_D + 2 * sc.ACT_BF16_D) * d + sc.ACT_FFN_BYTES * f \
             + sc.ACT_LSE_BYTES_PER_HEAD * heads + sc.ACT_STATS_BYTES
         expect = s * per_token + frames * sc.ACT_FRAME_BYTES_D * d + sc.ACT_LAYER_BYTES_D * d

@@ -34,7 +34,7 @@ def _eval_loss(trainer: Trainer, sample) -> float:
     idx = sched.sample_block_indices(g, 1, trainer.layout.num_blocks)
     inputs = TFInputs(x0, list(range(x0.shape[2])), noise, idx, sample.text[None].to(x0.dtype))
     with torch.no_grad():
-        return float(teacher_forcing_loss(trainer.model, trainer.layout, 0, inputs, sched, trainer.attention).loss)
+        return float(teacher_forcing_loss(trainer.model, trainer.layout, 0, inputs, sched, trainer.core).loss)
 
 
 def test_training_lowers_the_loss():

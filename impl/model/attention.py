@@ -3,15 +3,20 @@
 Parameter names match diffusers' ``WanAttention``: to_q, to_k, to_v, to_out.0, norm_q, norm_k
 (RMSNorm over the full width, before the head split). Self-attention either reads/writes the
 block-slotted :class:`~impl.model.kv_cache.KVCache` (streaming inference) or attends a whole
-sequence under an explicit mask (training, reference forward). Under sequence-parallel
+sequence through an attention core (training, reference forward). Under sequence-parallel
 inference a :class:`SequenceParallel` exchange wraps the KV-cache path: q, k, v go from
 token-split to head-split before the cache and SDPA, and the output comes back.
+
+Which of these paths a forward takes is its per-call object (:data:`ForwardCall`):
+:class:`CachedBlock` (KV cache, block plan, optional SP exchange) or :class:`FullSequence`
+(an attention core). Each holds exactly what its path needs, so a bad combination (a mask
+with a cache, SP without one) cannot be built, and :meth:`Attention.attend` only dispatches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +44,21 @@ class TextContext:
         return self.kv[0][0].shape[1]
 
 
-# An attention core maps rotated q, k, v [B, H, S, D] to o [B, H, S, D]. It replaces the masked
-# SDPA of a full-sequence forward: a FlexAttention block mask, or the Ulysses SP exchange
+# An attention core maps rotated q, k, v [B, H, S, D] to o [B, H, S, D]: how a full-sequence
+# forward attends. Plain or masked SDPA, a FlexAttention block mask, or the Ulysses SP exchange
 # around one (impl.parallel.attention).
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class MaskedSDPA:
+    """The attention core of a dense boolean mask [S, S] (True = may attend): exact, any
+    device, memory O(S^2)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
 class SequenceParallel(Protocol):
@@ -78,6 +94,34 @@ class SequenceParallel(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CachedBlock:
+    """Per-call inputs of a streaming forward of one AR block: the KV cache, where the block
+    sits in it (``plan``, from :meth:`KVCache.begin_block`), and under sequence-parallel
+    inference this rank's exchange (None on one GPU)."""
+
+    cache: KVCache
+    plan: BlockPlan
+    sp: SequenceParallel | None = None
+
+
+@dataclass(frozen=True)
+class FullSequence:
+    """Per-call inputs of a forward over a whole sequence: the attention core that attends its
+    rotated q, k, v (default: unmasked SDPA; :meth:`masked` for a dense mask)."""
+
+    core: AttentionCore = F.scaled_dot_product_attention
+
+    @classmethod
+    def masked(cls, mask: torch.Tensor) -> "FullSequence":
+        """Under a boolean mask [S, S] (True = attend), e.g. :func:`impl.model.masks.block_visibility_mask`."""
+        return cls(MaskedSDPA(mask))
+
+
+# What a forward's self-attention runs over; one object per forward, the same for every layer.
+ForwardCall = Union[CachedBlock, FullSequence]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, *, device=None, dtype=None):
         super().__init__()
@@ -102,14 +146,6 @@ class Attention(nn.Module):
         # o: [B, H, S, D] -> [B, S, H*D]
         return self.to_out[0](o.transpose(1, 2).flatten(2))
 
-    def forward_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                     cache: KVCache | None = None, layer: int = 0, plan: BlockPlan | None = None,
-                     mask: torch.Tensor | None = None, core: AttentionCore | None = None) -> torch.Tensor:
-        """x: [B, S, dim]. With ``cache`` the block's K/V are written to its slot first, then the
-        queries attend every resident block (bidirectional within the block)."""
-        return self._out(self.attend(*self.project_self(x, cos, sin), cache=cache, layer=layer,
-                                     plan=plan, mask=mask, core=core))
-
     def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, dim] -> q, k, v [B, H, S, D] (q, k normalised and rotated). Pure: compilable."""
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin).transpose(1, 2)
@@ -117,29 +153,20 @@ class Attention(nn.Module):
         v = self._heads(self.to_v(x)).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cache: KVCache | None = None,
-               layer: int = 0, plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
-               core: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """Self-attention core: KV-cache write/read (or a mask) and SDPA -> o [B, H, S, D].
-        ``core`` replaces the masked SDPA of a full-sequence forward (no cache, no mask).
-        ``sp`` wraps the KV-cache path in the sequence-parallel exchange."""
-        if core is not None:
-            if cache is not None or mask is not None or sp is not None:
-                raise ValueError("Attention.attend: an attention core takes no KV cache, mask or SP exchange")
-            return core(q, k, v)
-        if sp is not None:
-            if cache is None or plan is None or mask is not None:
-                raise ValueError("Attention.attend: sequence-parallel attention needs a KV cache and a "
-                                 "BlockPlan and takes no mask")
-            q, k, v, codes = sp.to_heads(q, k, v, commit=plan.commit)
-            return sp.to_tokens(self._attend_cached(q, k, v, cache, layer, plan, codes))
-        if cache is not None:
-            if plan is None:
-                raise ValueError("Attention.forward_self: a KV cache needs a BlockPlan")
-            if mask is not None:
-                raise ValueError("Attention.forward_self: the KV-cache path takes no mask")
-            return self._attend_cached(q, k, v, cache, layer, plan)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: ForwardCall,
+               layer: int) -> torch.Tensor:
+        """Self-attention of rotated q, k, v [B, H, S, D] -> o [B, H, S, D], the one dispatch
+        point: a full sequence through its core, or a block through layer ``layer`` of the KV
+        cache (write, read, the cached-attention kernel), inside the SP exchange if any."""
+        match call:
+            case FullSequence(core=core):
+                return core(q, k, v)
+            case CachedBlock(sp=None):
+                return self._attend_cached(q, k, v, call.cache, layer, call.plan)
+            case CachedBlock(sp=sp):
+                q, k, v, codes = sp.to_heads(q, k, v, commit=call.plan.commit)
+                return sp.to_tokens(self._attend_cached(q, k, v, call.cache, layer, call.plan, codes))
+        raise TypeError(f"Attention.attend: call must be a CachedBlock or FullSequence, got {type(call).__name__}")
 
     def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                        plan: BlockPlan, codes: tuple[NVFP4Tensor, NVFP4Tensor] | None = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ diffusers-format Wan2.2-TI2V-5B state dict loads as is), with:
 - per-frame timesteps ``[B, F]`` and per-frame adaLN modulation;
 - explicit temporal RoPE positions (absolute frame index + multi-shot offset);
 - self-attention either over a streaming :class:`KVCache` block or over a full sequence
-  under a mask (block-causal, teacher forcing, ...);
+  through an attention core (a block-causal or teacher-forcing mask, ...), as the forward's
+  per-call object says (:class:`CachedBlock` or :class:`FullSequence`);
 - cross-attention K/V computed once per prompt (:meth:`CausalWanDiT.encode_text`).
 Norms and modulation run in float32 like diffusers' FP32LayerNorm path.
 """
@@ -21,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from impl.config import DiTConfig
 from impl.model.attention_backends import DEFAULT_ATTENTION
-from impl.model.attention import Attention, AttentionCore, SequenceParallel, TextContext
-from impl.model.kv_cache import BlockPlan, KVCache
+from impl.model.attention import Attention, CachedBlock, ForwardCall, FullSequence, TextContext
 from impl.model.rope import Rope3D
 
 
@@ -119,13 +119,11 @@ class CausalWanBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d, **fk) / d**0.5)
 
     def forward(self, x: torch.Tensor, temb6: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
-                cos: torch.Tensor, sin: torch.Tensor, *, cache: KVCache | None, layer: int,
-                plan: BlockPlan | None, mask: torch.Tensor | None,
-                core: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, *, call: ForwardCall, layer: int) -> torch.Tensor:
         # Two pure, fixed-shape halves around the attention core: the halves are what
         # compile_hot_path() compiles; the KV-cache bookkeeping and SDPA stay eager.
         q, k, v, mod = self.pre_attention(x, temb6, cos, sin)
-        o = self.attn1.attend(q, k, v, cache=cache, layer=layer, plan=plan, mask=mask, core=core, sp=sp)
+        o = self.attn1.attend(q, k, v, call, layer)
         return self.post_attention(x, o, mod, text_kv)
 
     def pre_attention(self, x, temb6, cos, sin):
@@ -201,16 +199,16 @@ class CausalWanDiT(nn.Module):
         return TextContext([blk.attn2.project_context(e) for blk in self.blocks])
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: TextContext | torch.Tensor, *,
-                frame_positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                plan: BlockPlan | None = None, mask: torch.Tensor | None = None,
-                attention: AttentionCore | None = None, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """Flow prediction for ``latents`` [B, C, F, h, w] at per-frame ``timesteps`` [B, F].
+                frame_positions: torch.Tensor | None = None, call: ForwardCall = FullSequence()) -> torch.Tensor:
+        """Flow prediction for ``latents`` [B, C, F, h, w] at per-frame ``timesteps`` [B, F], whose
+        frames sit at temporal RoPE positions ``frame_positions`` [F] (default 0..F-1).
 
-        Streaming: pass ``cache`` and the block's ``plan`` (from ``cache.begin_block``); with
-        ``sp`` (sequence-parallel inference) every rank passes the whole block, runs the layers
-        on its token shard against its head-split cache, and gets the whole prediction back.
-        Full sequence: pass an optional boolean ``mask`` [S, S] (True = attend), or an
-        ``attention`` core that attends rotated q, k, v itself (FlexAttention, Ulysses SP).
+        ``call`` says what self-attention runs over. Streaming: ``CachedBlock(cache, plan)``,
+        one whole block against the KV cache; with its ``sp`` exchange (sequence-parallel
+        inference) every rank passes the whole block, runs the layers on its token shard against
+        its head-split cache, and gets the whole prediction back. Full sequence (the default,
+        unmasked): ``FullSequence(core)`` with an attention core (FlexAttention, Ulysses SP) or
+        ``FullSequence.masked(mask)`` with a boolean mask [S, S] (True = attend).
         """
         b, c, f, lh, lw = latents.shape
         pt, ph, pw = self.cfg.patch_size
@@ -220,15 +218,14 @@ class CausalWanDiT(nn.Module):
                              f"the patch, got {tuple(latents.shape)}")
         if timesteps.shape != (b, f):
             raise ValueError(f"timesteps: expected shape {(b, f)} (one per latent frame), got {tuple(timesteps.shape)}")
-        if cache is not None and f * gh * gw != cache.tokens_per_block:
-            raise ValueError(f"KV-cache forward takes one whole block of {cache.tokens_per_block} tokens, "
+        sp = call.sp if isinstance(call, CachedBlock) else None
+        if isinstance(call, CachedBlock) and f * gh * gw != call.cache.tokens_per_block:
+            raise ValueError(f"KV-cache forward takes one whole block of {call.cache.tokens_per_block} tokens, "
                              f"got {f * gh * gw}")
         if frame_positions is None:
             frame_positions = torch.arange(f)
         if not isinstance(context, TextContext):
             context = self.encode_text(context)
-        if sp is not None and cache is None:
-            raise ValueError("sequence-parallel forward: needs a KV cache (streaming inference)")
 
         if self._cuda_graphs:
             # A new forward: outputs of the previous replays are dead (cudagraph trees may reuse them).
@@ -242,7 +239,7 @@ class CausalWanDiT(nn.Module):
 
         for i, block in enumerate(self.blocks):
             args = (x, temb6, context.kv[i], cos, sin)
-            kwargs = dict(cache=cache, layer=i, plan=plan, mask=mask, core=attention, sp=sp)
+            kwargs = dict(call=call, layer=i)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False, **kwargs)
             else:

@@ -1,27 +1,19 @@
 """Attention cores for full-sequence (training) forwards: (q, k, v) -> o, [B, H, S, D].
 
-:class:`MaskedSDPA` applies a dense boolean mask with SDPA: exact, any device, memory
-O(S^2), used on CPU and in tests. :class:`FlexMasked` uses FlexAttention's block-sparse
-kernel with the same rule as a ``mask_mod`` (GPU). :class:`Ulysses` wraps either with the
-sequence-to-heads exchange for SP. :func:`teacher_forcing_core` picks them for a layout.
+:class:`~impl.model.attention.MaskedSDPA` (the model's own) applies a dense boolean mask with
+SDPA: exact, any device, memory O(S^2), used on CPU and in tests. :class:`FlexMasked` uses
+FlexAttention's block-sparse kernel with the same rule as a ``mask_mod`` (GPU). :class:`Ulysses`
+wraps either with the sequence-to-heads exchange for SP. :func:`teacher_forcing_core` picks them for a layout.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from impl.model.attention import MaskedSDPA
 from impl.modes import TrainAttention, check_choice
 from impl.parallel.layout import TeacherForcingLayout, dense_mask, mask_mod
 from impl.parallel.ulysses import heads_to_seq, seq_to_heads
-
-
-class MaskedSDPA:
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
 class FlexMasked:

@@ -38,26 +38,18 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return recv.transpose(0, 1).reshape(b, sp * hl, s, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One all-to-all, ``exchange``, whose backward is its inverse, ``inverse`` (the two
+    directions are each other's gradient)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, exchange, inverse):
+        ctx.group, ctx.inverse = group, inverse
+        return exchange(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return ctx.inverse(grad, ctx.group), None, None, None
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
@@ -65,7 +57,7 @@ def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     sp = _group_size(group)
     if x.dim() != 4 or x.shape[1] % sp:
         raise ValueError(f"seq_to_heads: expected [B, H, S, D] with H divisible by sp={sp}, got {tuple(x.shape)}")
-    return x if sp == 1 else _SeqToHeads.apply(x, group)
+    return x if sp == 1 else _Exchange.apply(x, group, _seq_to_heads, _heads_to_seq)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -73,7 +65,7 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     sp = _group_size(group)
     if x.dim() != 4 or x.shape[2] % sp:
         raise ValueError(f"heads_to_seq: expected [B, H/sp, S, D] with S divisible by sp={sp}, got {tuple(x.shape)}")
-    return x if sp == 1 else _HeadsToSeq.apply(x, group)
+    return x if sp == 1 else _Exchange.apply(x, group, _heads_to_seq, _seq_to_heads)
 
 
 def all_to_all_bytes(local_numel: int, element_bytes: int, sp: int) -> int:

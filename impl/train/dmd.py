@@ -34,6 +34,7 @@ import torch
 from impl.config import ConfigError, Preset, _require
 from impl.inference.build import dtype_name, pipeline_for_model
 from impl.inference.config import InferenceConfig
+from impl.model.attention import FullSequence
 from impl.model.dit import CausalWanDiT
 from impl.model.masks import block_visibility_mask
 from impl.modes import Sharding, check_choice
@@ -147,7 +148,7 @@ class DMDTrainer:
         mask = self._masks[n]
         t = (sigma * 1000.0)[:, None].expand(b, f).to(self.device)
         v = model(x_t.to(model.dtype), t, self._context(model, texts, b),
-                  frame_positions=self.pipe.frame_positions(prompts), mask=mask)
+                  frame_positions=self.pipe.frame_positions(prompts), call=FullSequence.masked(mask))
         s = sigma.to(self.device)[:, None, None, None, None]
         return x_t - s * v.float()
 

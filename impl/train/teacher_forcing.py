@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.model.attention import AttentionCore
+from impl.model.attention import AttentionCore, FullSequence
 from impl.model.dit import CausalWanDiT
 from impl.parallel.layout import NOISY, TeacherForcingLayout
 from impl.train.flow import FlowSchedule
@@ -51,7 +51,7 @@ class TFOutput:
 
 
 def teacher_forcing_loss(model: CausalWanDiT, layout: TeacherForcingLayout, rank: int, inputs: TFInputs,
-                         schedule: FlowSchedule, attention: AttentionCore,
+                         schedule: FlowSchedule, core: AttentionCore,
                          clean_timestep: float = 0.0) -> TFOutput:
     fpb = layout.frames_per_block
     local = layout.rank_frames(rank)
@@ -80,7 +80,7 @@ def teacher_forcing_loss(model: CausalWanDiT, layout: TeacherForcingLayout, rank
     # One prompt group per local block (a rank's frames are whole blocks of one copy).
     block_ids = [frames[i] // fpb for i in range(0, len(frames), fpb)]
     text = model.encode_text(inputs.text[:, block_ids].to(x0.device))
-    out = model(latents, timesteps, text, frame_positions=torch.tensor(frames), attention=attention)
+    out = model(latents, timesteps, text, frame_positions=torch.tensor(frames), call=FullSequence(core))
 
     pred = out[:, :, noisy_pos].to(torch.promote_types(out.dtype, torch.float32))
     x0_n, noise_n = x0[:, :, noisy_pos].to(pred.dtype), noise[:, :, noisy_pos].to(pred.dtype)

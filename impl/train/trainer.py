@@ -106,8 +106,8 @@ class Trainer:
         if heads % cfg.sp_size:
             raise ParallelConfigError(f"sp_size: {cfg.sp_size} does not divide the {heads} attention heads")
         self.schedule = FlowSchedule(cfg.shift)
-        self.attention = teacher_forcing_core(self.layout, self.preset.tokens_per_frame, self.device,
-                                              self.groups.sp_group, cfg.attention_backend)
+        self.core = teacher_forcing_core(self.layout, self.preset.tokens_per_frame, self.device,
+                                         self.groups.sp_group, cfg.attention_backend)
         # The compute dtype, read before sharding (afterwards the registered parameters
         # outside a forward are the float32 shards).
         self.dtype = self.model.dtype
@@ -181,7 +181,7 @@ class Trainer:
             micro = self.step * cfg.grad_accum + a
             inputs = self._inputs(self._fetch(source, sampler, micro), micro)
             out = teacher_forcing_loss(self.model, self.layout, self.groups.sp_rank, inputs, self.schedule,
-                                       self.attention)
+                                       self.core)
             (out.loss / cfg.grad_accum).backward()
             loss_sum += sp_all_reduce_sum(out.loss, self.groups).double().cpu() / cfg.grad_accum
             if self.recycler is not None:
