@@ -264,13 +264,13 @@ def _drift_figure(records: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repro.report import _baseline_record, common_label, hardware_label, save_figure, short_labels, spec_baseline
+    from repro.report import baseline_record, common_label, hardware_label, save_figure, short_labels, spec_baseline
     panels = [("adherence", "prompt adherence per block (higher is better)"),
               ("flicker", "temporal flickering score (1 = static)"),
               ("psnr_vs_ref", "PSNR vs the BF16 reference (dB)")]
     order = list(QUALITY.variant_fields)
     label_of = {id(r): lab for r, lab in zip(records, short_labels(records, order))}
-    base = _baseline_record(records, spec_baseline(records, QUALITY))
+    base = baseline_record(records, spec_baseline(records, QUALITY))
     rows = _drift_rows(records, base, order) or [[]]
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     dashes = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]

@@ -107,7 +107,7 @@ def memory_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     the measured one."""
     from matplotlib.lines import Line2D
 
-    from repro.report import _new_figure, fmt_num, hardware_label, save_figure
+    from repro.report import fmt_num, hardware_label, new_figure, save_figure
 
     modelled = [r for r in records if not r["variant"].get("measured")]
     measured = [r for r in records if r["variant"].get("measured") and "measured_peak_gb" in r["metrics"]]
@@ -116,7 +116,7 @@ def memory_plots(records: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     row_h = [4.0] * len(presets) + ([1.4 + 0.55 * len(measured)] if measured else [])
     if not row_h:
         return []
-    fig = _new_figure(width, sum(row_h) + 0.5)
+    fig = new_figure(width, sum(row_h) + 0.5)
     rows = list(fig.subfigures(len(row_h), 1, squeeze=False, height_ratios=row_h)[:, 0])
     colors = {"replicated": "tab:red", "FSDP": "tab:blue", "FSDP + CPU offload": "tab:green"}
     rank = {name: i for i, name in enumerate(colors)}

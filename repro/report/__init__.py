@@ -20,10 +20,5 @@ from repro.report.groups import baseline_record, spec_baseline
 from repro.report.labels import common_label, fmt_num, hardware_label, short_commit, short_labels
 from repro.report.plots import new_figure, save_figure
 
-# The names repro/benchmarks/quality.py and train_memory.py import (they were private in the
-# single-module report); remove once those import baseline_record and new_figure.
-_baseline_record = baseline_record
-_new_figure = new_figure
-
 __all__ = ["baseline_record", "build_report", "common_label", "fmt_num", "hardware_label", "new_figure",
            "save_figure", "short_commit", "short_labels", "spec_baseline"]
