@@ -61,7 +61,7 @@ def block_prompts(shots: list[str], scene_cut_prefix: str, frames_per_block: int
     """Per-block prompts of the ``--shot`` flags; an empty prompt or more than
     :data:`MAX_BLOCKS` blocks in all is an error naming the flag."""
     from impl.pipeline import parse_shot, shot_prompts
-    from impl.session import check_prompt
+    from impl.session_inputs import check_prompt
     parsed = [parse_shot(s) for s in shots]
     for text, (prompt, _) in zip(shots, parsed):
         check_prompt(prompt, scene_cut_prefix, f"--shot {text!r}")
