@@ -260,44 +260,39 @@ def _wan22_ti2v_5b() -> Preset:
     return Preset("wan22_ti2v_5b", DiTConfig(), VAEConfig(), TextEncoderConfig(), VideoConfig())
 
 
-def _small() -> Preset:
+def _cpu_sized(name: str, *, num_layers: int, dim: int, ffn_dim: int, freq_dim: int, z_dim: int,
+               vae_dim: int, text_dim: int, text_heads: int, max_length: int, video: VideoConfig) -> Preset:
+    """A preset at CPU size, the recipe the small ones share: the DiT's latent channels are the
+    VAE's ``z_dim`` and its text width the encoder's ``d_model`` (as Preset requires), 4 DiT
+    heads, one VAE width for encoder and decoder, a 2-layer text encoder (vocab 512,
+    ``d_ff = 2 d_model``), and 2-frame AR blocks in an 8-frame KV window with a 2-frame sink."""
     return Preset(
-        "small",
-        DiTConfig(num_layers=4, dim=256, num_heads=4, ffn_dim=1024, in_channels=16, out_channels=16,
-                  text_dim=128, freq_dim=64),
-        VAEConfig(base_dim=32, decoder_base_dim=32, z_dim=16),
-        TextEncoderConfig(vocab_size=512, d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256,
-                          max_length=64),
-        VideoConfig(height=256, width=256),
+        name,
+        DiTConfig(num_layers=num_layers, dim=dim, num_heads=4, ffn_dim=ffn_dim, in_channels=z_dim,
+                  out_channels=z_dim, text_dim=text_dim, freq_dim=freq_dim),
+        VAEConfig(base_dim=vae_dim, decoder_base_dim=vae_dim, z_dim=z_dim),
+        TextEncoderConfig(vocab_size=512, d_model=text_dim, num_layers=2, num_heads=text_heads,
+                          d_kv=text_dim // text_heads, d_ff=2 * text_dim, max_length=max_length),
+        video,
         StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
     )
+
+
+def _small() -> Preset:
+    return _cpu_sized("small", num_layers=4, dim=256, ffn_dim=1024, freq_dim=64, z_dim=16, vae_dim=32,
+                      text_dim=128, text_heads=4, max_length=64, video=VideoConfig(height=256, width=256))
 
 
 def _tiny() -> Preset:
-    return Preset(
-        "tiny",
-        DiTConfig(num_layers=2, dim=64, num_heads=4, ffn_dim=128, in_channels=8, out_channels=8,
-                  text_dim=32, freq_dim=32),
-        VAEConfig(base_dim=8, decoder_base_dim=8, z_dim=8),
-        TextEncoderConfig(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64,
-                          max_length=16),
-        VideoConfig(height=64, width=64),
-        StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
-    )
+    return _cpu_sized("tiny", num_layers=2, dim=64, ffn_dim=128, freq_dim=32, z_dim=8, vae_dim=8,
+                      text_dim=32, text_heads=2, max_length=16, video=VideoConfig(height=64, width=64))
 
 
 def _proxy() -> Preset:
     """The quality proxy (repro/quality): trained in the harness in minutes on one GPU."""
-    return Preset(
-        "proxy",
-        DiTConfig(num_layers=6, dim=256, num_heads=4, ffn_dim=1024, in_channels=16, out_channels=16,
-                  text_dim=128, freq_dim=64),
-        VAEConfig(base_dim=32, decoder_base_dim=32, z_dim=16),
-        TextEncoderConfig(vocab_size=512, d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256,
-                          max_length=32),
-        VideoConfig(height=128, width=128, fps=16),
-        StreamConfig(frames_per_block=2, kv_window_frames=8, sink_frames=2),
-    )
+    return _cpu_sized("proxy", num_layers=6, dim=256, ffn_dim=1024, freq_dim=64, z_dim=16, vae_dim=32,
+                      text_dim=128, text_heads=4, max_length=32,
+                      video=VideoConfig(height=128, width=128, fps=16))
 
 
 PRESETS = {"wan22_ti2v_5b": _wan22_ti2v_5b, "small": _small, "tiny": _tiny, "proxy": _proxy}

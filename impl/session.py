@@ -12,7 +12,7 @@ held clean, t = 0, through every sampler step of block 0, as Wan2.2 TI2V does), 
 or its latents to continue (the given blocks are prefilled: one clean forward each, block by
 block, so the cache holds their K/V; they are decoded too, so the decoder's causal state runs
 on into the new frames). Encoding needs the full Wan2.2 VAE (``InferenceConfig.decoder="wan"``)
-or an ``encoder=`` VAE.
+or an ``encoder=`` VAE; those inputs are checked and encoded in :mod:`impl.session_inputs`.
 
 A switch (:meth:`StreamingSession.switch`, only between pulls) picks one of :data:`SwitchMode`:
 
@@ -47,14 +47,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from impl.config import Preset
-from impl.errors import ConfigError
 from impl.modes import SwitchMode, check_choice, choices
+from impl.session_inputs import (SessionPipeline, check_latents, check_prompt, encode_frames, encode_image,
+                                 resolve_encoder)
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from impl.pipeline import StreamingPipeline
     from impl.vae_decode import DecodedBlock
 
 SWITCH_MODES: tuple[str, ...] = choices(SwitchMode)
@@ -143,96 +142,6 @@ class _Timer:
         return (end - start) * 1e3
 
 
-# ---- inputs ----
-
-def check_prompt(prompt: Any, scene_cut_prefix: str, name: str = "prompt") -> str:
-    """``prompt`` if it is a non-empty string with text beyond the scene-cut prefix."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"{name}: must be a string, got {type(prompt).__name__}")
-    body = prompt[len(scene_cut_prefix):] if prompt.startswith(scene_cut_prefix) else prompt
-    if not body.strip():
-        raise ValueError(f"{name}: empty prompt {prompt!r}; describe the video in words")
-    return prompt
-
-
-def image_to_tensor(image: Any) -> torch.Tensor:
-    """A PIL image, or a float tensor [3, H, W] / [B, 3, H, W] in [-1, 1], as [B, 3, H, W] float32."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow ships with the project's dependencies
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        import numpy as np
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-        return (pixels.permute(2, 0, 1)[None].float() / 127.5 - 1.0)
-    if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or image.shape[-3] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image: expected a PIL image or a tensor [3, H, W] / [B, 3, H, W] in [-1, 1], got {shape}")
-    if not image.is_floating_point():
-        raise ValueError(f"image: a tensor image must be floating point in [-1, 1], got {image.dtype}")
-    return (image[None] if image.dim() == 3 else image).float()
-
-
-def _check_size(h: int, w: int, preset: Preset, what: str) -> None:
-    ph, pw = preset.video.height, preset.video.width
-    if (h, w) != (ph, pw):
-        raise ValueError(f"{what}: expected {ph}x{pw} pixels (height x width of preset {preset.name!r}), got "
-                         f"{h}x{w}; resize or crop it first")
-
-
-def encode_image(vae: "nn.Module", image: Any, preset: Preset) -> torch.Tensor:
-    """The normalised latent [B, C, 1, h, w] of one image (the first frame of image-to-video)."""
-    pixels = image_to_tensor(image)
-    _check_size(*pixels.shape[-2:], preset, "image")
-    from impl.model.vae import encode_video
-    return encode_video(vae, pixels[:, :, None])
-
-
-def encode_frames(vae: "nn.Module", video: torch.Tensor, preset: Preset) -> torch.Tensor:
-    """The normalised latents [B, C, F, h, w] of a video to continue; F must fill whole blocks."""
-    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
-        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"video: expected frames [B, 3, T, H, W] in [-1, 1], got {shape}")
-    _check_size(*video.shape[-2:], preset, "video")
-    fpb, t = preset.stream.frames_per_block, video.shape[2]
-    allowed = [preset.raw_frames(n * fpb) for n in range(1, 5)]
-    if t not in {preset.raw_frames(n * fpb) for n in range(1, t // fpb + 2)}:
-        raise ValueError(f"video: {t} frames do not encode to whole blocks of {fpb} latent frames; "
-                         f"use 1 + {preset.vae.temporal_factor} (n * {fpb} - 1) frames ({', '.join(map(str, allowed))}, ...)")
-    from impl.model.vae import encode_video
-    return encode_video(vae, video.float())
-
-
-def _check_latents(z: Any, preset: Preset, name: str, frames: int | None = None) -> torch.Tensor:
-    c, (lh, lw), fpb = preset.dit.in_channels, preset.latent_hw, preset.stream.frames_per_block
-    ok = isinstance(z, torch.Tensor) and z.dim() == 5 and z.shape[1] == c and tuple(z.shape[3:]) == (lh, lw)
-    f = z.shape[2] if ok else 0
-    ok = ok and (f == frames if frames is not None else f > 0 and f % fpb == 0)
-    if not ok:
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        want = str(frames) if frames is not None else f"n * {fpb}"
-        raise ValueError(f"{name}: expected normalised latents [B, {c}, {want}, {lh}, {lw}], got {shape}")
-    return z
-
-
-def resolve_encoder(pipe: "StreamingPipeline", encoder: "nn.Module | None") -> "nn.Module":
-    """The VAE that encodes images and videos: ``encoder``, else the pipeline's full Wan VAE."""
-    if encoder is not None:
-        if not callable(getattr(encoder, "encode", None)):
-            raise ConfigError(f"encoder: {type(encoder).__name__} cannot encode; pass the full Wan2.2 VAE "
-                              "(impl.model.vae.load_vae / build_vae)")
-        return encoder
-    hint = ("pass encoder=<the Wan2.2 VAE> (impl.model.vae.load_vae(folder)), or already encoded "
-            "image_latent= / latents=")
-    if pipe.cfg.decoder != "wan":
-        raise ConfigError(f"decoder: image-to-video and video continuation encode with the full Wan2.2 VAE, but this "
-                          f"pipeline only decodes, with the light decoder {pipe.cfg.decoder!r}; {hint}")
-    if pipe.vae is None:
-        raise ConfigError(f"image / video: encoding needs the Wan2.2 VAE and this pipeline has none "
-                          f"(built with decode=False); {hint}")
-    return pipe.vae
-
-
 def follow_prompts(session: "StreamingSession", prompts: "Sequence[str]",
                    shot_switch: SwitchMode = "cut") -> Iterator[SessionBlock]:
     """Drive ``session`` through one prompt per generated block, as offline ``generate`` does:
@@ -270,7 +179,7 @@ class StreamingSession:
     ``max_blocks`` counts generated blocks; prefilled blocks come first and are numbered 0...
     """
 
-    def __init__(self, pipe: "StreamingPipeline", prompt: str, *, seed: int = 0, noise: torch.Tensor | None = None,
+    def __init__(self, pipe: SessionPipeline, prompt: str, *, seed: int = 0, noise: torch.Tensor | None = None,
                  max_blocks: int | None = None, batch: int | None = None, image: Any = None,
                  image_latent: torch.Tensor | None = None, video: torch.Tensor | None = None,
                  latents: torch.Tensor | None = None, encoder: "nn.Module | None" = None,
@@ -350,11 +259,11 @@ class StreamingSession:
         if image is not None:
             image_latent = encode_image(resolve_encoder(pipe, encoder), image, preset)
         elif image_latent is not None:
-            image_latent = _check_latents(image_latent, preset, "image_latent", frames=1)
+            image_latent = check_latents(image_latent, preset, "image_latent", frames=1)
         if video is not None:
             latents = encode_frames(resolve_encoder(pipe, encoder), video, preset)
         elif latents is not None:
-            latents = _check_latents(latents, preset, "latents")
+            latents = check_latents(latents, preset, "latents")
         return tuple(None if z is None else z.to(pipe.device, dtype) for z in (image_latent, latents))
 
     def _noise_source(self, noise: torch.Tensor | None, max_blocks: int | None,

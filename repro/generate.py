@@ -33,9 +33,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_inference_arguments(ap, skip=("sp_size", "kv_comm"), defaults={"dtype": None})
     ap.add_argument("--weights", default=None, help="diffusers-format Wan2.2-TI2V-5B folder")
     ap.add_argument("--dit", default=None, help="DiT checkpoint (file or folder) overriding --weights")
-    ap.add_argument("--lora", default=None, help="few-step LoRA file (impl.model.lora), merged into the DiT "
+    ap.add_argument("--lora", default=None, help="few-step LoRA file (impl.model.lora_files), merged into the DiT "
                     "before any --precision quantization")
-    ap.add_argument("--lora-skip-base-check", action="store_true",   # = impl.model.lora.SKIP_BASE_CHECK_FLAG
+    ap.add_argument("--lora-skip-base-check", action="store_true",   # = impl.model.lora_files.SKIP_BASE_CHECK_FLAG
                     help="merge --lora even if it was trained on other base weights than the ones loaded "
                          "(its file records a fingerprint of its base; by default a mismatch is an error)")
     ap.add_argument("--decoder-weights", default=None, metavar="FILE",
@@ -61,7 +61,7 @@ def block_prompts(shots: list[str], scene_cut_prefix: str, frames_per_block: int
     """Per-block prompts of the ``--shot`` flags; an empty prompt or more than
     :data:`MAX_BLOCKS` blocks in all is an error naming the flag."""
     from impl.pipeline import parse_shot, shot_prompts
-    from impl.session import check_prompt
+    from impl.session_inputs import check_prompt
     parsed = [parse_shot(s) for s in shots]
     for text, (prompt, _) in zip(shots, parsed):
         check_prompt(prompt, scene_cut_prefix, f"--shot {text!r}")

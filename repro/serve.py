@@ -259,7 +259,7 @@ class LiveServer:
 
     async def _handle(self, text: str, mine: Stream | None, out: asyncio.Queue) -> Stream | None:
         """One page message; returns the page's stream afterwards."""
-        from impl.session import check_prompt
+        from impl.session_inputs import check_prompt
         prefix = self.pipe.stream.scene_cut_prefix
 
         async def error(message: str) -> None:

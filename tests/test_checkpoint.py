@@ -136,7 +136,8 @@ def test_foreign_checkpoints_name_the_file_and_what_was_expected(tmp_path):
 
 
 def test_lora_files_given_as_dit_checkpoints_point_to_lora(tmp_path):
-    from impl.model.lora import LoraSpec, add_lora, save_lora
+    from impl.model.lora import LoraSpec, add_lora
+    from impl.model.lora_files import save_lora
     model = add_lora(fresh(0), LoraSpec(rank=4, alpha=4))
     path = save_lora(tmp_path / "lora.safetensors", model, steps=1, base_hash="x")
     with pytest.raises(CheckpointError, match="LoRA tensors.*--lora") as err:

@@ -131,7 +131,7 @@ def test_distill_cli_writes_a_lora_that_generate_runs(tmp_path):
     from impl.train.config import TrainConfig
     from impl.train.synthetic import SyntheticLatentSource
     from impl.train.distill import main as distill
-    from impl.model.lora import read_lora_metadata
+    from impl.model.lora_files import read_lora_metadata
     from impl.train.trainer import Trainer
     from repro.cli import main as repro_main
 

@@ -313,7 +313,8 @@ def test_every_writer_honours_the_umask(tmp_path, umask_027):
     from impl.model.checkpoint import save_dit_weights
     from impl.model.dit import CausalWanDiT
     from impl.train.checkpoint import TrainState, save_checkpoint
-    from impl.model.lora import LoraSpec, add_lora, save_lora
+    from impl.model.lora import LoraSpec, add_lora
+    from impl.model.lora_files import save_lora
 
     model = CausalWanDiT(get_preset("tiny").dit, dtype=torch.float32)
     written = [write_json(tmp_path / "record.json", {"a": 1}),

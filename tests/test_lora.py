@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from impl.config import get_preset
 from impl.model.dit import CausalWanDiT
 from impl.quant.apply import block_linear_names
-from impl.model.lora import (FORMAT, LoraError, LoraSpec, add_lora, base_fingerprint, load_lora,
-                             lora_state_dict, merge_and_unload, save_lora)
+from impl.model.lora import LoraError, LoraSpec, add_lora, base_fingerprint, lora_state_dict, merge_and_unload
+from impl.model.lora_files import FORMAT, load_lora, save_lora
 
 DT = torch.float64
 RANK = 8
@@ -187,7 +187,7 @@ def test_fingerprint_is_the_same_across_float_dtypes():
 
 
 def test_sampling_steps_of_a_lora_file(cfg, tmp_path):
-    from impl.model.lora import lora_sampling_steps, sampling_steps_warning
+    from impl.model.lora_files import lora_sampling_steps, sampling_steps_warning
     model = add_lora(make_model(cfg), LoraSpec(rank=RANK, alpha=RANK))
     two = save_lora(tmp_path / "s2.safetensors", model, steps=1, base_hash="x", extra={"sampling_steps": 2})
     unknown = save_lora(tmp_path / "plain.safetensors", model, steps=1, base_hash="x")

@@ -20,8 +20,8 @@ from impl.quant import release_nvfp4 as rel
 from impl.quant.apply import block_linear_names, quantize_model
 from impl.quant.config import QuantConfig
 from impl.quant.linear import NVFP4EmulatedLinear, NVFP4WeightOnlyLinear
-from impl.model.lora import (LoraError, LoraSpec, add_lora, load_lora, lora_sampling_steps, lora_state_dict,
-                             merge_and_unload)
+from impl.model.lora import LoraError, LoraSpec, add_lora, lora_state_dict, merge_and_unload
+from impl.model.lora_files import load_lora, lora_sampling_steps
 
 CFG = get_preset("tiny").dit
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)

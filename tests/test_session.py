@@ -389,7 +389,7 @@ def test_generate_command_checks_its_input_before_building(tmp_path, monkeypatch
                       (["--shot", "a cat", "--out", out, "--lora-skip-base-check"], "no --lora")]:
         assert main(["generate", *argv, "--device", "cpu"]) == 2, argv
         assert why in capsys.readouterr().err, argv
-    from impl.model.lora import SKIP_BASE_CHECK_FLAG
+    from impl.model.lora_files import SKIP_BASE_CHECK_FLAG
     seen = []
     lora = tmp_path / "x.safetensors"   # it must exist: a missing --lora is refused before the build
     lora.write_bytes(b"")

@@ -62,7 +62,7 @@ class Weights:
     root: a diffusers-format Wan2.2-TI2V-5B folder (transformer/, vae/, text_encoder/, tokenizer/).
     dit: a DiT checkpoint (file or folder, diffusers or original Wan / LongLive layout) or a
       state dict; overrides ``root``'s transformer.
-    lora: a few-step LoRA file (impl.model.lora), merged into the DiT before quantization;
+    lora: a few-step LoRA file (impl.model.lora_files), merged into the DiT before quantization;
       ``lora_check_base=False`` skips the check that it was trained on these base weights.
     vae: a VAE folder, or a built VAE module (used as it is: its own dtype and device);
       overrides ``root``'s vae. With ``decoder="wan"`` this is the decoder.
@@ -133,7 +133,7 @@ def build_dit(cfg: InferenceConfig, device: torch.device | str, weights: Weights
         # they are, and refuses a precision that would run them under the wrong label.
         load_dit_weights(model, source, precision=cfg.precision)
     if weights.lora is not None:
-        from impl.model.lora import sampling_steps_warning
+        from impl.model.lora_files import sampling_steps_warning
         warning = sampling_steps_warning(weights.lora, preset.stream.steps)
         if warning is not None:
             warnings.warn(warning, stacklevel=2)
@@ -150,7 +150,8 @@ def _merge_lora(model: CausalWanDiT, path: str | Path, *, check_base: bool) -> N
     """Merge a LoRA file into ``model`` in place. Merging happens in at least float32 (the
     delta (alpha / r) B A is formed and added at full precision and the weight rounded once
     to the compute dtype), so a BF16 model gets the same weights as a float32 merge."""
-    from impl.model.lora import load_lora, merge_and_unload
+    from impl.model.lora import merge_and_unload
+    from impl.model.lora_files import load_lora
     dtype = model.dtype
     if dtype in (torch.bfloat16, torch.float16):
         model.float()

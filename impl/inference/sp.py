@@ -46,7 +46,8 @@ from impl.model.kv_cache import KVCache
 from impl.parallel.groups import ParallelConfigError, ParallelGroups, build_groups, init_distributed
 from impl.parallel.sp_exchange import BlockBytes, SPExchange, block_bytes
 from impl.pipeline import GenerationResult, parse_shot, shot_prompts
-from impl.session import BlockTiming, StreamingSession, encode_frames, encode_image, resolve_encoder
+from impl.session import BlockTiming, StreamingSession
+from impl.session_inputs import encode_frames, encode_image, resolve_encoder
 
 
 def config_block_bytes(cfg: InferenceConfig, element_bytes: int, batch: int = 1) -> BlockBytes:

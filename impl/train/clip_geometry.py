@@ -12,7 +12,7 @@ Frames of another size are scaled to cover ``height x width`` and centre-cropped
 from __future__ import annotations
 
 from dataclasses import InitVar, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,35 +69,33 @@ class ClipGeometry:
         return [self.block_start_frame(j) for j in cut_blocks] + [self.num_raw_frames]
 
 
+class _FromGeometry:
+    """A read-only attribute that reads the field of the same name from ``obj.geometry``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> int:
+        if obj is None:
+            return self  # type: ignore[return-value]  # the class attribute: the descriptor itself
+        return getattr(obj.geometry, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name}: read-only, it is the clip geometry's (set geometry instead)")
+
+
 class GeometryAttributes:
     """The geometry fields of a data source's ``geometry`` as read-only attributes (the names
     callers and the trainer read: ``source.frames_per_block``, ``source.num_raw_frames``...)."""
 
     geometry: ClipGeometry
 
-    @property
-    def num_latent_frames(self) -> int:
-        return self.geometry.num_latent_frames
-
-    @property
-    def frames_per_block(self) -> int:
-        return self.geometry.frames_per_block
-
-    @property
-    def height(self) -> int:
-        return self.geometry.height
-
-    @property
-    def width(self) -> int:
-        return self.geometry.width
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.geometry.temporal_factor
-
-    @property
-    def num_raw_frames(self) -> int:
-        return self.geometry.num_raw_frames
+    num_latent_frames = _FromGeometry()
+    frames_per_block = _FromGeometry()
+    height = _FromGeometry()
+    width = _FromGeometry()
+    temporal_factor = _FromGeometry()
+    num_raw_frames = _FromGeometry()
 
 
 def resize_center_crop(frames: torch.Tensor, height: int, width: int, chunk: int = 16) -> torch.Tensor:

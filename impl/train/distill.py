@@ -106,7 +106,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from impl.parallel.groups import build_groups, init_distributed
     from impl.train.synthetic import SyntheticVideoSource
     from impl.train.dmd import DMDConfig, DMDTrainer
-    from impl.model.lora import LoraSpec, add_lora, base_fingerprint, save_lora
+    from impl.model.lora import LoraSpec, add_lora, base_fingerprint
+    from impl.model.lora_files import save_lora
 
     try:
         preset = get_preset(args.preset)

@@ -390,7 +390,8 @@ class ProxySystem:
         model = CausalWanDiT(self.preset.dit, device=self.device, dtype=torch.float32)
         model.load_state_dict({k: v.float() for k, v in self.teacher_state(train_precision).items()})
         if lora_steps is not None:
-            from impl.model.lora import load_lora, merge_and_unload
+            from impl.model.lora import merge_and_unload
+            from impl.model.lora_files import load_lora
             load_lora(model, self.student_path(lora_steps, train_precision))
             model = merge_and_unload(model)
         return model.to(dtype).requires_grad_(False).eval()
@@ -407,7 +408,8 @@ class ProxySystem:
         if self._ready(folder):
             return path
         from impl.train.dmd import DMDConfig, DMDTrainer
-        from impl.model.lora import LoraSpec, add_lora, base_fingerprint, save_lora
+        from impl.model.lora import LoraSpec, add_lora, base_fingerprint
+        from impl.model.lora_files import save_lora
         c = self.cfg
         t0 = time.perf_counter()
         teacher = self.model(train_precision)
