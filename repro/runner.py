@@ -143,10 +143,11 @@ def run_spec(spec_path: str | Path, results_dir: str | Path = "results", device:
                              slug=variant.slug, hardware=hw, metrics=metrics, measure=measure,
                              spec=spec_rel, git=git)
         written[variant.slug] = (write_record(record, results_dir), record)
+        if base_variant is not None and base_variant.slug in written:
+            # As each record lands (the baseline runs first), so that a run cut short by a
+            # deadline or Ctrl-C keeps the speedups of the rows it measured.
+            _add_speedups(bench.primary_metric, base_variant.slug, written, results_dir)
     bar.close()
-
-    if base_variant is not None and base_variant.slug in written:
-        _add_speedups(bench.primary_metric, base_variant.slug, written, results_dir)
 
     if failures:
         lines = "; ".join(f"{v.slug}: {m}" for v, m in failures)
@@ -198,7 +199,7 @@ def _add_speedups(metric: str, base_slug: str, written: dict[str, tuple[Path, di
         return
     for slug, (path, record) in written.items():
         value = record["metrics"].get(metric)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or "speedup_vs_baseline" in record["metrics"]:
             continue
         s = speedup(metric, float(value), float(base_value))
         if s is None:

@@ -91,6 +91,32 @@ def test_speedup_against_baseline(tmp_path):
     assert by_speed[2.5]["metrics"]["speedup_vs_baseline"] == pytest.approx(2.5)
 
 
+def test_a_run_cut_short_keeps_the_speedups_it_measured(tmp_path, monkeypatch):
+    """A device call's deadline (or Ctrl-C) stops a run mid-spec: the rows written by then carry
+    their speedup against the baseline, which runs first."""
+    import dataclasses
+
+    import repro.benchmark as benchmark_module
+    from test_repro_helpers import FAKE
+
+    bench = benchmark_module.get_benchmark(FAKE)
+    calls = []
+
+    def run_until_the_third(variant, measure, hw):
+        calls.append(variant["speed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return bench.run(variant, measure, hw)
+
+    monkeypatch.setitem(benchmark_module._REGISTRY, FAKE, dataclasses.replace(bench, run=run_until_the_third))
+    spec = write_spec(tmp_path / "s.yaml", sweep={"speed": [1.0, 2.5, 0.5]}, baseline={"speed": 1.0})
+    with pytest.raises(KeyboardInterrupt):
+        run_spec(spec, results_dir=tmp_path / "r", device="cpu", progress=False)
+    by_speed = {r["variant"]["speed"]: r for r in load_records(tmp_path / "r")}
+    assert sorted(by_speed) == [1.0, 2.5]
+    assert by_speed[2.5]["metrics"]["speedup_vs_baseline"] == pytest.approx(2.5)
+
+
 def test_speedup_direction():
     assert metric_direction("e2e_fps") == "higher" and metric_direction("tflops") == "higher"
     assert metric_direction("tokens_per_s") == "higher"
