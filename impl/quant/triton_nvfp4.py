@@ -4,8 +4,8 @@ KV-cache dequantize and a weight-only NVFP4 GEMM. The kernels are device code of
 
 The quantizer agrees with the PyTorch path of :func:`impl.quant.nvfp4.quantize` (``backend="torch"``)
 bit for bit (packed bytes, scales, global scale) for every scale rule; the tests in
-``tests/test_triton_nvfp4.py`` check it. This module and its kernels build on
-:mod:`impl.quant.nvfp4_format` only (``impl.quant.nvfp4`` dispatches here, not the other way round). Launch shapes are
+``tests/test_triton_nvfp4.py`` check it. This module builds on :mod:`impl.quant.nvfp4_format`
+only (``impl.quant.nvfp4`` dispatches here, not the other way round). Launch shapes are
 arguments of each call (:class:`QuantTuning`, :class:`DequantTuning`, :class:`KVDequantTuning`,
 the GEMM's ``config``), never module state, so a benchmark sweep cannot leak into other calls.
 How each rounding is made exact without a division is told in the quantize kernels; this module
