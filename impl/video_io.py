@@ -22,8 +22,6 @@ from impl.errors import VideoWriteError   # defined torch-free, so command lines
 __all__ = ["Mp4Writer", "VideoWriteError", "VideoFrameError", "read_video", "frames_to_uint8"]
 
 
-
-
 class VideoFrameError(VideoWriteError, ValueError):
     """Frames an mp4 cannot hold (odd or changing size, wrong dtype or shape)."""
 

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from impl.errors import error_summary
 from impl.io import save_safetensors
 from impl.quant import release_nvfp4
 from impl.quant.apply import _set_module, block_linear_names
@@ -138,23 +139,11 @@ class CheckpointInfo:
     meta: Mapping[str, object] = field(default_factory=dict)   # other non-tensor top-level entries
 
 
-def _first_line(e: BaseException) -> str:
-    msg = str(e)
-    if "WeightsUnpickler error:" in msg:   # torch.load(weights_only=True): the reason, not the advice
-        tail = msg.split("WeightsUnpickler error:", 1)[1]
-        reason = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
-        return f"torch.load(weights_only=True) refused it: {reason}"
-    line = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
-    if len(line) > 160 and ". " in line:   # torch's zip-reader errors append a paragraph of advice
-        line = line.split(". ", 1)[0] + "."
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise CheckpointError(f"{path}: cannot read as safetensors (truncated or corrupt?): {_first_line(e)}; "
+        raise CheckpointError(f"{path}: cannot read as safetensors (truncated or corrupt?): {error_summary(e)}; "
                               f"{_EXPECTED}") from None
 
 
@@ -164,7 +153,7 @@ def _torch_load(path: Path) -> object:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises OSError/RuntimeError/UnpicklingError/EOFError
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated, corrupt or not a "
-                              f"torch.save file?): {_first_line(e)}") from None
+                              f"torch.save file?): {error_summary(e)}") from None
 
 
 def _preview(obj: object) -> str:

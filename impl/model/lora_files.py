@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from impl.errors import error_summary
 from impl.model.lora import (LoraError, LoraSpec, add_lora, base_fingerprint, current_spec, expected_shapes,
                              lora_state_dict)
 
@@ -132,11 +133,6 @@ _EXPECTED_LORA = (f"expected a LoRA file: our safetensors (metadata format {FORM
                   f"'step': ...}})")
 
 
-def _one_line(e: BaseException) -> str:
-    from impl.model.checkpoint import _first_line
-    return _first_line(e)
-
-
 def _is_torch_file(path: str | os.PathLike) -> bool:
     """A torch.save file (zip, or legacy pickle), told apart from safetensors by structure: a
     safetensors file whose header length ends in 0x80 starts with the pickle protocol byte."""
@@ -148,7 +144,7 @@ def _torch_load(path: str | os.PathLike, mmap: bool = False) -> object:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises OSError/RuntimeError/UnpicklingError/EOFError
-        raise LoraError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {_one_line(e)}; "
+        raise LoraError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {error_summary(e)}; "
                         f"{_EXPECTED_LORA}") from None
 
 
@@ -228,14 +224,14 @@ def _read_any_lora(path: str | os.PathLike, alpha: float | None
             meta = f.metadata() or {}
             keys = list(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad headers
-        raise LoraError(f"{path}: not a safetensors file ({_one_line(e)}) nor a PyTorch .pt; {_EXPECTED_LORA}") from None
+        raise LoraError(f"{path}: not a safetensors file ({error_summary(e)}) nor a PyTorch .pt; {_EXPECTED_LORA}") from None
     if meta.get("format") == FORMAT or not keys or not all(_PEFT_TENSOR.match(k) for k in keys):
         spec, meta = read_lora_metadata(path)    # our format, or the error saying what it is not
         return spec, meta, None
     try:
         sd = load_file(str(path))     # peft's adapter_model.safetensors
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise LoraError(f"{path}: cannot read its tensors (truncated?): {_one_line(e)}") from None
+        raise LoraError(f"{path}: cannot read its tensors (truncated?): {error_summary(e)}") from None
     tensors, rank = peft_to_lora_tensors(sd, str(path))
     return LoraSpec(rank=rank, alpha=release_alpha), {"format": "peft", "layout": "a peft safetensors LoRA"}, tensors
 
@@ -322,7 +318,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, check_base: bool = T
         try:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise LoraError(f"{path}: cannot read its tensors (truncated or corrupt?): {_one_line(e)}") from None
+            raise LoraError(f"{path}: cannot read its tensors (truncated or corrupt?): {error_summary(e)}") from None
     missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or unexpected:
         raise LoraError(f"{path}: LoRA tensors do not match its target modules: missing {missing[:3]}, "

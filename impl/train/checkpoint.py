@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from impl.errors import error_summary
 from impl.io import save_safetensors
 from impl.model.checkpoint import CheckpointError
 
@@ -85,13 +86,12 @@ class CorruptCheckpoint(CheckpointError):
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    from impl.model.checkpoint import _first_line
     if not file.is_file():
         raise CorruptCheckpoint(f"{file}: missing from the checkpoint")
     try:
         return load_file(file)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({_first_line(e)})") from None
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({error_summary(e)})") from None
 
 
 def load_checkpoint(path: str | Path) -> TrainState:
@@ -173,8 +173,7 @@ def sharded_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     try:
         md = FileSystemReader(str(Path(path) / "dcp")).read_metadata()
     except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata file
-        from impl.model.checkpoint import _first_line
-        raise CorruptCheckpoint(f"{Path(path) / 'dcp' / '.metadata'}: unreadable ({_first_line(e)})") from None
+        raise CorruptCheckpoint(f"{Path(path) / 'dcp' / '.metadata'}: unreadable ({error_summary(e)})") from None
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -209,9 +208,8 @@ def load_sharded_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     try:
         dcp.load(state, checkpoint_id=path / "dcp")
     except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
-        from impl.model.checkpoint import _first_line
         raise CorruptCheckpoint(f"{path / 'dcp'}: cannot read its shards (truncated or corrupt?): "
-                                f"{_first_line(e)}") from None
+                                f"{error_summary(e)}") from None
 
 
 # ---------------------------------------------------------------- export for inference
