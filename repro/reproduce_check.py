@@ -37,7 +37,7 @@ from typing import Any
 
 from repro.hardware import hardware_tag
 from repro.records import load_records
-from repro.stats import intervals_separate
+from repro.stats import intervals_separate, is_number
 
 # (metric-name prefix or exact name, absolute tolerance, relative tolerance); first match wins.
 # Used only for quality metrics without a confidence interval (a one-seed run on the same CPU).
@@ -87,14 +87,10 @@ def metric_kind(name: str) -> str:
     return "other"
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def within(name: str, fresh: Any, committed: Any, speed_factor: float) -> bool:
     """Whether one metric without an interval agrees (non-numbers must be equal; None only
     matches None)."""
-    if not _number(fresh) or not _number(committed):
+    if not is_number(fresh) or not is_number(committed):
         return fresh == committed
     if not (math.isfinite(fresh) and math.isfinite(committed)):
         return fresh == committed or (math.isnan(fresh) and math.isnan(committed))
@@ -114,7 +110,7 @@ def rule_for(name: str, fresh: dict[str, Any], committed: dict[str, Any]) -> str
     if name in NOT_COMPARED or name.startswith("series_") or name.endswith("_ci95"):
         return "skipped"
     ci = f"{name}_ci95"
-    if _number(fresh.get(ci)) and _number(committed.get(ci)):
+    if is_number(fresh.get(ci)) and is_number(committed.get(ci)):
         return "interval"
     kind = metric_kind(name)
     if kind == "speed" and (fresh.get("busy") or committed.get("busy")):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["t975", "mean_ci95", "intervals_separate", "repeat_summary", "is_busy", "BUSY_SPREAD"]
+__all__ = ["is_number", "t975", "mean_ci95", "intervals_separate", "repeat_summary", "is_busy", "BUSY_SPREAD"]
 
 # Two-sided 95% Student-t quantiles (the 0.975 quantile) for 1..30 degrees of freedom.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -28,6 +28,11 @@ _Z975 = 1.959964
 # (max - min) / median of repeated speed runs above which a run is flagged busy: repeats of one
 # deterministic workload on an idle machine agree to a few percent.
 BUSY_SPREAD = 0.25
+
+
+def is_number(x: Any) -> bool:
+    """A metric value that is a number (int or float, not a bool; NaN and inf included)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def t975(df: int) -> float:

@@ -143,13 +143,13 @@ def combine_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     first seed (the same in all: devices, modes). A speed (``*fps*``) is the median over the seeds
     with ``_min`` / ``_max`` beside it, and ``busy`` says whether the seeds' speeds spread as on a
     machine busy with something else (:func:`repro.stats.is_busy`)."""
-    from repro.stats import is_busy, mean_ci95, repeat_summary
+    from repro.stats import is_busy, is_number, mean_ci95, repeat_summary
     out: dict[str, Any] = {}
     busy: list[str] = []
     names = list(dict.fromkeys(k for m in per_seed for k in m))
     for name in names:
         values = [m.get(name) for m in per_seed]
-        nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        nums = [v for v in values if is_number(v)]
         if not nums:
             out[name] = next((v for v in values if v is not None), None)
             continue

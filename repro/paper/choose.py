@@ -10,11 +10,8 @@ from typing import Any
 from repro.paper.numbers import (FAST_PRECISIONS, PRESET_5B, SPEED_EXPERIMENTS, VARIANT_DEFAULTS, OurPath,
                                  Twin)
 from repro.spec import matches_subset
+from repro.stats import is_number
 
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def filled(record: dict[str, Any]) -> dict[str, Any]:

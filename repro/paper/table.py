@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from repro.errors import HarnessError
-from repro.paper.choose import (RatioRow, filled, gpu_types, hw_tag, is_number, pick, ratio_rows, spread,
-                                twin_pairs)
+from repro.paper.choose import RatioRow, filled, gpu_types, hw_tag, pick, ratio_rows, spread, twin_pairs
 from repro.paper.numbers import (BY_KEY, FPS_ROWS, ISSUE_103, METHOD_NOTES, PAPER_NUMBERS, TWINS, USER_REPORTS,
                                  PaperNumber, Twin)
 from repro.records import load_records
 from repro.spec import matches_subset
+from repro.stats import is_number
 
 
 # ---------------------------------------------------------------- describing records
