@@ -126,6 +126,11 @@ def _as_delivered(host: torch.Tensor, frame_format: str) -> torch.Tensor:
     return host.permute(0, 4, 1, 2, 3) if frame_format == "uint8" else host
 
 
+def _delivered_on_cpu(frames: torch.Tensor, frame_format: str) -> torch.Tensor:
+    """What a decode on the CPU delivers: its frames converted, no copy between devices."""
+    return _as_delivered(_deliverable(frames, frame_format), frame_format)
+
+
 def _to_host(frames: torch.Tensor, stream: torch.cuda.Stream, pool: _PinnedPool, frame_format: str) -> torch.Tensor:
     """CUDA frames -> pageable CPU frames: converted on the GPU (uint8 is a quarter of the
     bytes), copied asynchronously on ``stream`` into a pinned staging buffer reused across blocks,
@@ -158,7 +163,7 @@ class _SyncBackend:
         if self.device.type != "cuda":
             t0 = time.perf_counter()
             frames = self.decoder.decode_block(latents)
-            out = _as_delivered(_deliverable(frames, self.frame_format), self.frame_format)
+            out = _delivered_on_cpu(frames, self.frame_format)
             return out, (time.perf_counter() - t0) * 1e3
         with torch.cuda.device(self.device):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -252,7 +257,7 @@ class _DeviceBackend:
             t0 = time.perf_counter()
             frames = self.decoder.decode_block(host)
             ms = (time.perf_counter() - t0) * 1e3
-            out = _as_delivered(_deliverable(frames, self.frame_format), self.frame_format)
+            out = _delivered_on_cpu(frames, self.frame_format)
         else:
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                 z = host.to(self.device, non_blocking=True)
