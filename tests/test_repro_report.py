@@ -184,3 +184,37 @@ def test_paper_tables_per_gpu_type(tmp_path, capsys):
     vbench = next(r for r in rows if r.startswith("| VBench total, LongLive-2.0-5B BF16"))
     assert "cpu 0.250 +- 0.0500 (95%), commit 6666666" in vbench
     assert "NVFP4 (emulated) 2-step LoRA" in next(r for r in rows if "NVFP4 2-step | 83.14" in r)
+
+
+def test_two_gpu_types_are_tabulated_side_by_side(tmp_path):
+    # One table row per variant with each GPU type's value beside the other's; a variant one type
+    # lacks leaves its cell blank; the ratio column divides the second type by the first.
+    def record(gpu, steps, fps, commit):
+        hw = {"device": "cuda", "gpu_name": gpu, "gpu_count": 1}
+        write_record(make_record(experiment="inference_speed", benchmark="not_importable_bench",
+                                 variant={"precision": "bf16", "steps": steps}, slug=f"steps-{steps}",
+                                 hardware=hw, metrics={"e2e_fps": fps}, measure={},
+                                 spec="experiments/inference_speed.yaml",
+                                 git={"commit": commit, "dirty": False}), tmp_path / gpu.replace(" ", "_"))
+    record("NVIDIA H100 80GB HBM3", 4, 20.0, "aaaaaaa1")
+    record("NVIDIA H100 80GB HBM3", 2, 40.0, "aaaaaaa1")
+    record("NVIDIA H200", 4, 25.0, "bbbbbbb2")
+    with pytest.warns(UserWarning):
+        build_report(tmp_path)
+    md = (tmp_path / "tables" / "inference_speed.md").read_text()
+    assert "## GPU types side by side" in md
+    assert "Commits: H100 80GB HBM3: aaaaaaa; H200: bbbbbbb." in md
+    assert "| variant | e2e_fps (H100 80GB HBM3) | e2e_fps (H200) | e2e_fps H200 / H100 80GB HBM3 |" in md
+    assert "| 4-step | 20.0 | 25.0 | 1.25x |" in md
+    assert "| 2-step | 40.0 |  |  |" in md
+
+
+def test_one_gpu_type_has_no_side_by_side_table(tmp_path):
+    hw = {"device": "cuda", "gpu_name": "NVIDIA H200", "gpu_count": 1}
+    write_record(make_record(experiment="inference_speed", benchmark="not_importable_bench",
+                             variant={"steps": 4}, slug="steps-4", hardware=hw, metrics={"e2e_fps": 1.0},
+                             measure={}, spec="experiments/inference_speed.yaml",
+                             git={"commit": "0123456789", "dirty": False}), tmp_path)
+    with pytest.warns(UserWarning):
+        build_report(tmp_path)
+    assert "side by side" not in (tmp_path / "tables" / "inference_speed.md").read_text()

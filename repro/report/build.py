@@ -17,7 +17,8 @@ from repro.records import load_records
 from repro.report.columns import legend_markdown
 from repro.report.groups import benchmark_of, device_parts, spec_baseline
 from repro.report.plots import bar_plot, extra_report_plots, plot_title
-from repro.report.tables import experiment_frame, interval_columns, interval_markdown, to_markdown, with_verdicts
+from repro.report.tables import (experiment_frame, interval_columns, interval_markdown, side_by_side_markdown,
+                                 to_markdown, with_verdicts)
 
 
 def _benchmark_columns(records: list[dict[str, Any]]) -> tuple[list[str], str | None, str, Any]:
@@ -68,6 +69,12 @@ def build_report(results_dir: str | Path = "results") -> list[Path]:
         md = [f"# {exp}", ""]
         if description:
             md += [description, ""]
+        headline = [m for m in (plot_metric, _COMPANIONS.get(plot_metric or "")) if m]
+        both = side_by_side_markdown(recs, headline or metrics[:1], bench)
+        if both:
+            md += ["## GPU types side by side", "",
+                   "Each GPU type's rows as measured on it (speeds compare within a row, not across "
+                   "commits unless the commits match).", "", both]
         parts = device_parts(recs)
         for kind, part in parts:   # CPU rows never share a table with GPU rows
             if len(parts) > 1:

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from repro.report.groups import baseline_record, facet_groups, source_labels, spec_baseline
-from repro.report.labels import fmt_num, is_number, short_commit
+from repro.report.labels import fmt_num, hardware_label, is_number, short_commit, short_labels
 from repro.stats import intervals_separate
 
 
@@ -103,3 +103,55 @@ def interval_markdown(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                       for v, h in zip(out[m], out[ci])]
             out = out.drop(columns=[ci])
     return out
+
+
+def _gpu_type(record: dict[str, Any]) -> str:
+    return hardware_label(record["hardware"]).removeprefix("NVIDIA ")   # short column headers
+
+
+def side_by_side_markdown(records: list[dict[str, Any]], metrics: list[str], bench: Any = None) -> str | None:
+    """The GPU records of two or more GPU types as one table: a row per variant, each metric's
+    value on every GPU type in adjacent columns (blank where a type lacks the variant), the
+    ratio of the second type to the first for the first metric when there are exactly two, and
+    the commits each type's rows come from. None for fewer than two GPU types.
+
+    Variants are matched after filling the benchmark's field defaults, so a record written before
+    a field existed still pairs with its twin."""
+    gpu = [r for r in records if r["hardware"].get("device") == "cuda"]
+    types = list(dict.fromkeys(sorted(_gpu_type(r) for r in gpu)))
+    metrics = [m for m in metrics if any(is_number(r["metrics"].get(m)) for r in gpu)]
+    if len(types) < 2 or not metrics:
+        return None
+    fields = getattr(bench, "variant_fields", {}) or {}
+    defaults = {k: f.default for k, f in fields.items()}
+
+    def identity(r: dict[str, Any]) -> dict[str, Any]:
+        return {**defaults, **r["variant"]}
+
+    rows: dict[str, dict[str, dict[str, Any]]] = {}   # variant id -> GPU type -> record
+    variants: dict[str, dict[str, Any]] = {}
+    for r in gpu:
+        v = identity(r)
+        vid = repr(sorted(v.items(), key=lambda kv: kv[0]))
+        variants.setdefault(vid, v)
+        rows.setdefault(vid, {})
+        rows[vid].setdefault(_gpu_type(r), r)   # write_record keeps one per variant and folder
+    keys = list(dict.fromkeys(k for v in variants.values() for k in v))
+    order = sorted(variants, key=lambda vid: tuple(_sort_key(variants[vid].get(k)) for k in keys))
+    labels = dict(zip(order, short_labels([{"variant": variants[vid]} for vid in order], list(fields))))
+    header = ["variant"] + [f"{m} ({t})" for m in metrics for t in types]
+    ratio = len(types) == 2
+    if ratio:
+        header.append(f"{metrics[0]} {types[1]} / {types[0]}")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
+    for vid in order:
+        cells = [labels[vid]]
+        for m in metrics:
+            cells += [fmt_num(rows[vid][t]["metrics"].get(m)) if t in rows[vid] else "" for t in types]
+        if ratio:
+            a, b = (rows[vid].get(t, {}).get("metrics", {}).get(metrics[0]) for t in types)
+            cells.append(f"{b / a:.2f}x" if is_number(a) and is_number(b) and a else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    commits = "; ".join(f"{t}: " + ", ".join(sorted({short_commit(r) for r in gpu if _gpu_type(r) == t}))
+                        for t in types)
+    return "\n".join([f"Commits: {commits}.", "", *lines]) + "\n"
