@@ -138,6 +138,8 @@ def side_by_side_markdown(records: list[dict[str, Any]], metrics: list[str], ben
         rows[vid].setdefault(_gpu_type(r), r)   # write_record keeps one per variant and folder
     keys = list(dict.fromkeys(k for v in variants.values() for k in v))
     order = sorted(variants, key=lambda vid: tuple(_sort_key(variants[vid].get(k)) for k in keys))
+    order = [vid for vid in order   # a row with none of the metrics (e.g. an SQNR-only row) says nothing here
+             if any(is_number(r["metrics"].get(m)) for r in rows[vid].values() for m in metrics)]
     labels = dict(zip(order, short_labels([{"variant": variants[vid]} for vid in order], list(fields))))
     header = ["variant"] + [f"{m} ({t})" for m in metrics for t in types]
     ratio = len(types) == 2
