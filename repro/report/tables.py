@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from repro.report.groups import baseline_record, facet_groups, source_labels, spec_baseline
+from repro.report.groups import baseline_record, device_parts, facet_groups, source_labels, spec_baseline
 from repro.report.labels import fmt_num, hardware_label, is_number, short_commit, short_labels
 from repro.stats import intervals_separate
 
@@ -117,41 +117,35 @@ def side_by_side_markdown(records: list[dict[str, Any]], metrics: list[str], ben
 
     Variants are matched after filling the benchmark's field defaults, so a record written before
     a field existed still pairs with its twin."""
-    gpu = [r for r in records if r["hardware"].get("device") == "cuda"]
-    types = list(dict.fromkeys(sorted(_gpu_type(r) for r in gpu)))
+    gpu = dict(device_parts(records)).get("GPU", [])
+    types = sorted({_gpu_type(r) for r in gpu})
     metrics = [m for m in metrics if any(is_number(r["metrics"].get(m)) for r in gpu)]
     if len(types) < 2 or not metrics:
         return None
-    fields = getattr(bench, "variant_fields", {}) or {}
-    defaults = {k: f.default for k, f in fields.items()}
-
-    def identity(r: dict[str, Any]) -> dict[str, Any]:
-        return {**defaults, **r["variant"]}
-
+    defaults = bench.defaults() if bench is not None else {}
     rows: dict[str, dict[str, dict[str, Any]]] = {}   # variant id -> GPU type -> record
     variants: dict[str, dict[str, Any]] = {}
     for r in gpu:
-        v = identity(r)
-        vid = repr(sorted(v.items(), key=lambda kv: kv[0]))
+        v = {**defaults, **r["variant"]}
+        vid = repr(sorted(v.items()))
         variants.setdefault(vid, v)
-        rows.setdefault(vid, {})
-        rows[vid].setdefault(_gpu_type(r), r)   # write_record keeps one per variant and folder
+        rows.setdefault(vid, {}).setdefault(_gpu_type(r), r)   # write_record keeps one per variant and folder
     keys = list(dict.fromkeys(k for v in variants.values() for k in v))
     order = sorted(variants, key=lambda vid: tuple(_sort_key(variants[vid].get(k)) for k in keys))
     order = [vid for vid in order   # a row with none of the metrics (e.g. an SQNR-only row) says nothing here
              if any(is_number(r["metrics"].get(m)) for r in rows[vid].values() for m in metrics)]
-    labels = dict(zip(order, short_labels([{"variant": variants[vid]} for vid in order], list(fields))))
+    field_order = list(getattr(bench, "variant_fields", {}) or [])
+    labels = short_labels([{"variant": variants[vid]} for vid in order], field_order)
     header = ["variant"] + [f"{m} ({t})" for m in metrics for t in types]
     ratio = len(types) == 2
     if ratio:
         header.append(f"{metrics[0]} {types[1]} / {types[0]}")
     lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
-    for vid in order:
-        cells = [labels[vid]]
-        for m in metrics:
-            cells += [fmt_num(rows[vid][t]["metrics"].get(m)) if t in rows[vid] else "" for t in types]
+    for vid, label in zip(order, labels):
+        values = {t: rows[vid].get(t, {}).get("metrics", {}) for t in types}
+        cells = [label] + [fmt_num(values[t].get(m)) for m in metrics for t in types]
         if ratio:
-            a, b = (rows[vid].get(t, {}).get("metrics", {}).get(metrics[0]) for t in types)
+            a, b = (values[t].get(metrics[0]) for t in types)
             cells.append(f"{b / a:.2f}x" if is_number(a) and is_number(b) and a else "")
         lines.append("| " + " | ".join(cells) + " |")
     commits = "; ".join(f"{t}: " + ", ".join(sorted({short_commit(r) for r in gpu if _gpu_type(r) == t}))
