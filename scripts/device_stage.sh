@@ -38,7 +38,10 @@ case $stage in
   kernels)  run experiments/nvfp4_kernels.yaml "$@"; run experiments/quant_linear.yaml "$@" ;;
   profile)  name=$1; shift  # profile NAME [repro profile args]: writes $OUT/rec/profile_NAME.json
             mkdir -p /tmp/res/profiles
-            python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" --out "/tmp/res/profiles/profile_$name.json" ;;
+            timeout "${LIMIT:-560}" python3 -m repro profile --preset wan22_ti2v_5b --commit "${COMMIT:-unknown}" "$@" \
+              --out "/tmp/res/profiles/profile_$name.json" ;;
+  spec)     name=$1; shift; run "experiments/$name.yaml" "$@" ;;  # spec NAME [repro-run args]: any experiment
+  install)  ;;  # the carried wheels only (done above)
   infer)    run experiments/inference_speed.yaml "$@" ;;
   train)    python3 -m pytest -q -p no:cacheprovider tests/test_train_gpu.py 2>&1 | tee "$OUT/tests_train_gpu.log" | tail -3
             run experiments/train_step.yaml "$@" ;;
